@@ -1,0 +1,209 @@
+"""``SSLDataModule``: multi-crop views and blockwise masks built in the workers, plus labelled splits
+for k-NN evaluation (ARCHITECTURE.md, ALGORITHMS.md §9)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .datasets import ImageFolderDataset, TransformedDataset
+from .demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
+from .masking import BlockMaskGenerator, MaskRatioSampler
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, eval_transform
+
+__all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataModule"]
+
+
+@dataclass
+class MultiCropBatch:
+    """One training batch. ``views``: ``V`` tensors ``(B, 3, h, w)``, globals first; ``masks``: bool
+    ``(2, B, H', W')`` for the global views (True = masked; all False when masking is off);
+    ``labels``: ``(B,)`` or ``None`` for unlabelled data."""
+
+    views: list[Tensor]
+    masks: Tensor
+    labels: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.views[0].shape[0]
+
+    def pin_memory(self) -> MultiCropBatch:
+        return MultiCropBatch(
+            [v.pin_memory() for v in self.views],
+            self.masks.pin_memory(),
+            None if self.labels is None else self.labels.pin_memory(),
+        )
+
+    def __iter__(self):  # allows `views, masks, labels = batch`
+        return iter(getattr(self, f.name) for f in fields(self))
+
+
+def _labels(labels: Sequence[int | None]) -> Tensor | None:
+    if any(label is None for label in labels):
+        return None
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def collate_multicrop(samples: list) -> MultiCropBatch:
+    """``[(views, masks (2,H',W'), label), ...]`` → :class:`MultiCropBatch` (view-major)."""
+    views = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
+    masks = torch.stack([s[1] for s in samples], dim=1)
+    return MultiCropBatch(views, masks, _labels([s[2] for s in samples]))
+
+
+def collate_labelled(samples: list) -> tuple[Tensor, Tensor]:
+    """``[(image, label), ...]`` → ``(images (B,3,H,W), labels (B,))`` (-1 where unknown)."""
+    labels = [-1 if s[1] is None else s[1] for s in samples]
+    return torch.stack([s[0] for s in samples]), torch.as_tensor(labels, dtype=torch.long)
+
+
+class _MaskSampler:
+    """Draws the masks of the global views of one image in the worker (§9.2–9.3)."""
+
+    def __init__(self, generator: BlockMaskGenerator | None, ratios: MaskRatioSampler, num_views: int = 2):
+        self.generator, self.ratios, self.num_views = generator, ratios, num_views
+        self.grid = (generator.height, generator.width) if generator is not None else (1, 1)
+
+    def __call__(self) -> Tensor:
+        if self.generator is None:
+            return torch.zeros(self.num_views, *self.grid, dtype=torch.bool)
+        return torch.stack([self.generator(self.ratios()) for _ in range(self.num_views)])
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Multi-crop self-supervised training data plus labelled k-NN splits.
+
+    Args:
+        dataset: ``"fashion_mnist"`` (the offline demo data, Debian ``dataset-fashion-mnist``), a path to
+            an image folder (class sub-folders or flat), or any torchvision-style ``Dataset`` returning
+            ``(image, label)`` or images (PIL or tensor).
+        root: folder of the Fashion-MNIST IDX files (default ``/usr/share/datasets/fashion-mnist``).
+        knn_train_dataset, knn_val_dataset: labelled splits for k-NN evaluation (same forms as
+            ``dataset``). For ``"fashion_mnist"`` they default to its train and test splits; for a
+            labelled folder, ``knn_train_dataset`` defaults to that folder.
+        knn_train_subset: keep only the first n k-NN training images (quick monitoring).
+        batch_size: images per rank and step.
+        global_size, local_size, num_local, global_scale, local_scale, blur_sigma: multi-crop (§9.1).
+        patch_size: ViT patch size; with ``global_size`` it fixes the mask grid (linked to the model).
+        mask_ratio, mask_ratio_var: §9.3 (iBOT recipe ``[0, 0.3] ± [0, 0.2]``); ``masking=False`` gives
+            all-False masks (DINO).
+        mask_shape: ``"block"`` or ``"rand"``.
+        eval_resize_ratio: eval transform resizes to ``global_size·ratio`` then centre-crops.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Dataset = "fashion_mnist",
+        root: str | None = None,
+        knn_train_dataset: str | Dataset | None = None,
+        knn_val_dataset: str | Dataset | None = None,
+        knn_train_subset: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        global_size: int = 224,
+        local_size: int = 96,
+        num_local: int = 10,
+        global_scale: tuple[float, float] = (0.25, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.25),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        patch_size: int = 16,
+        masking: bool = True,
+        mask_ratio: float | list[float] = (0.0, 0.3),
+        mask_ratio_var: float | list[float] = (0.0, 0.2),
+        mask_shape: Literal["block", "rand"] = "block",
+        eval_resize_ratio: float = 256 / 224,
+        pin_memory: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["dataset", "knn_train_dataset", "knn_val_dataset"])
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if patch_size < 1 or global_size % patch_size:
+            raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
+        if local_size % patch_size:
+            raise ValueError(f"local_size={local_size} must be divisible by patch_size={patch_size}")
+        if knn_train_subset is not None and knn_train_subset < 1:
+            raise ValueError(f"knn_train_subset must be >= 1 or None, got {knn_train_subset}")
+        self.dataset, self.root = dataset, root or DEFAULT_FASHION_MNIST_ROOT
+        self.knn_train_dataset, self.knn_val_dataset = knn_train_dataset, knn_val_dataset
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.global_size, self.patch_size = global_size, patch_size
+        self.transform = MultiCropTransform(
+            global_size, local_size, num_local, global_scale, local_scale, mean, std,
+            jitter=jitter, blur_sigma=blur_sigma,
+        )  # fmt: skip
+        grid = global_size // patch_size
+        self.masks = _MaskSampler(
+            BlockMaskGenerator(grid, shape=mask_shape) if masking else None,
+            MaskRatioSampler(mask_ratio, mask_ratio_var),
+        )
+        self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
+        self._train: Dataset | None = None
+
+    @property
+    def grid_size(self) -> int:
+        """Patch grid side ``H' = global_size / patch_size`` of the global views."""
+        return self.global_size // self.patch_size
+
+    def _resolve(self, source: str | Dataset, split: Literal["train", "test"] = "train") -> Dataset:
+        if isinstance(source, str):
+            if source == "fashion_mnist":
+                return FashionMNIST(self.root, split)
+            return ImageFolderDataset(source)
+        return source
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is None:
+            self._train = self._resolve(self.dataset)
+
+    def _loader(
+        self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        if len(self._train) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(self._train)} images, fewer than batch_size={self.batch_size}"
+            )
+        data = TransformedDataset(self._train, self.transform, self.masks)
+        return self._loader(data, collate_multicrop, shuffle=True, drop_last=True, batch_size=self.batch_size)
+
+    def knn_datasets(self) -> tuple[Dataset, Dataset]:
+        """Labelled ``(train, val)`` splits under the eval transform (§11.1)."""
+        if self.dataset == "fashion_mnist":
+            train = self._resolve(self.knn_train_dataset or "fashion_mnist", "train")
+            val = self._resolve(self.knn_val_dataset or "fashion_mnist", "test")
+        else:
+            if self.knn_val_dataset is None:
+                raise ValueError("knn_val_dataset is None: k-NN evaluation needs a labelled validation split")
+            train = self._resolve(self.knn_train_dataset or self.dataset)
+            val = self._resolve(self.knn_val_dataset)
+        if self.hparams.knn_train_subset is not None:
+            train = Subset(train, range(min(self.hparams.knn_train_subset, len(train))))
+        return TransformedDataset(train, self.eval_transform), TransformedDataset(val, self.eval_transform)
+
+    def knn_dataloaders(self, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
+        """Loaders of :meth:`knn_datasets`, yielding ``(images, labels)``."""
+        bs = batch_size or max(self.batch_size, 256)
+        return tuple(self._loader(d, collate_labelled, False, False, bs) for d in self.knn_datasets())  # type: ignore[return-value]

@@ -1,0 +1,42 @@
+"""Small collective helpers that are no-ops outside ``torch.distributed``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_mean", "all_gather_cat"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+@torch.no_grad()
+def all_reduce_mean(total: Tensor, count: float | Tensor) -> Tensor:
+    """``(Σ_ranks total) / (Σ_ranks count)`` for a per-rank sum ``total`` over ``count`` rows."""
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    if is_distributed():
+        packed = torch.cat([total.reshape(-1), count.reshape(1)])
+        dist.all_reduce(packed)
+        total, count = packed[:-1].view_as(total), packed[-1]
+    return total / count
+
+
+@torch.no_grad()
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, rank-major, no grad."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out)

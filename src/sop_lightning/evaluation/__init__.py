@@ -1,0 +1,5 @@
+"""Evaluation: weighted k-NN (DINO protocol)."""
+
+from .knn import extract_features, knn_classify
+
+__all__ = ["knn_classify", "extract_features"]

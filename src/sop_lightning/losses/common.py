@@ -1,0 +1,40 @@
+"""Shared numerics of the objectives."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["cross_entropy", "cross_view_mean", "masked_image_mean"]
+
+
+def cross_entropy(target: Tensor, log_pred: Tensor) -> Tensor:
+    """``H(p, q) = -Σ_j p_j log q_j`` over the last axis, with ``0·log 0 = 0`` (shape ``(...)``)."""
+    return -torch.where(target > 0, target * log_pred, torch.zeros_like(log_pred)).sum(-1)
+
+
+def cross_view_mean(targets: list[Tensor], log_preds: list[Tensor]) -> Tensor:
+    """Mean over ordered pairs ``(q, v)``, ``v ≠ q``, of ``mean_b H(targets[q], preds[v])`` (§3.4, §6.1).
+
+    ``targets``: the ``2`` teacher global views, each ``(B, K)``; ``log_preds``: all ``V`` student views
+    (globals first), each ``(B, K)`` log-probabilities.
+    """
+    total, pairs = log_preds[0].new_zeros(()), 0
+    for q, target in enumerate(targets):
+        for v, log_pred in enumerate(log_preds):
+            if v == q:
+                continue
+            total = total + cross_entropy(target, log_pred).mean()
+            pairs += 1
+    return total / pairs
+
+
+def masked_image_mean(per_token: Tensor, masks: Tensor) -> Tensor:
+    """iBOT/SOP-MIM reduction (§4.3, §6.2): ``mean_b [Σ_i m_bi ℓ_bi / max(1, Σ_i m_bi)]``.
+
+    ``per_token``: losses of the masked tokens only, ``(M,)`` in row-major order of ``masks``;
+    ``masks``: bool ``(B', N)``. Images without a masked token count as 0 in the mean over ``B'``.
+    """
+    counts = masks.sum(1).clamp(min=1).to(per_token.dtype)
+    image_of_token = torch.arange(masks.shape[0], device=masks.device).unsqueeze(1).expand_as(masks)[masks]
+    return (per_token / counts[image_of_token]).sum() / masks.shape[0]

@@ -1,0 +1,160 @@
+"""DINO and iBOT objectives with logit, probability or no centering (ALGORITHMS.md §6, §7.5)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..distributed import all_reduce_mean
+from .common import cross_entropy, cross_view_mean, masked_image_mean
+
+__all__ = ["Center", "DINOLoss", "IBOTPatchLoss"]
+
+Centering = Literal["logit", "prob", "none"]
+
+
+class Center(nn.Module):
+    """Teacher centering state and the centred teacher distribution.
+
+    ``mode="logit"`` (DINO, §6.1): ``P_T = softmax((l - c)/τ + b)``, ``c ←  m c + (1-m) mean(l)``.
+    ``mode="prob"`` (DINO-vMF, §7.5): ``P̃ = softmax(l/τ + b)``, ``P_T ∝ P̃ / c̄``,
+    ``c̄ ← m c̄ + (1-m) mean(P̃)`` (init ``1/K``, clamped ≥ 1e-12).
+    ``mode="none"``: ``P_T = softmax(l/τ + b)``.
+
+    ``l``: raw teacher logits ``(..., K)``; ``b``: optional per-prototype bias ``(K,)`` (the vMF
+    log-normaliser). Means are over all rows of all ranks.
+    """
+
+    def __init__(self, dim: int, mode: Centering = "logit", momentum: float = 0.9):
+        super().__init__()
+        if mode not in ("logit", "prob", "none"):
+            raise ValueError(f"centering must be 'logit', 'prob' or 'none', got {mode!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {momentum}")
+        self.mode, self.momentum = mode, momentum
+        init = torch.full((dim,), 1.0 / dim) if mode == "prob" else torch.zeros(dim)
+        self.register_buffer("center", init)
+
+    def _uncentred(self, logits: Tensor, temperature: float, bias: Tensor | None) -> Tensor:
+        a = logits / temperature
+        return a if bias is None else a + bias
+
+    def teacher_probs(self, logits: Tensor, temperature: float, bias: Tensor | None = None) -> Tensor:
+        if self.mode == "logit":
+            a = (logits - self.center) / temperature
+            return F.softmax(a if bias is None else a + bias, dim=-1)
+        a = self._uncentred(logits, temperature, bias)
+        if self.mode == "prob":
+            a = a - self.center.clamp(min=1e-12).log()
+        return F.softmax(a, dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, temperature: float, bias: Tensor | None = None) -> None:
+        if self.mode == "none":
+            return
+        rows = logits.reshape(-1, logits.shape[-1]).float()
+        if self.mode == "prob":
+            rows = F.softmax(self._uncentred(rows, temperature, bias), dim=-1)
+        batch = all_reduce_mean(rows.sum(0), rows.shape[0])
+        self.center.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
+        if self.mode == "prob":
+            self.center.clamp_(min=1e-12)
+
+
+class DINOLoss(nn.Module):
+    """DINO [CLS] loss over all cross-view pairs (§6.1), in fp32.
+
+    ``forward(student_logits (V·B, K), teacher_logits (2B, K), teacher_temp)`` with view-major rows;
+    ``student_bias`` / ``teacher_bias`` ``(K,)`` are added after the temperature (vMF, §7.2). The center
+    is updated after the loss while the module is in training mode.
+    """
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        student_temp: float = 0.1,
+        centering: Centering = "logit",
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+        self.center = Center(num_prototypes, centering, center_momentum)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        teacher_temp: float,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> Tensor:
+        s, t = student_logits.float(), teacher_logits.detach().float()
+        batch = t.shape[0] // 2
+        if t.shape[0] % 2 or s.shape[0] % batch:
+            raise ValueError(
+                f"teacher rows {t.shape[0]} must be 2·B and student rows {s.shape[0]} a multiple of B"
+            )
+        a = s / self.student_temp
+        log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
+        p_t = self.center.teacher_probs(t, teacher_temp, teacher_bias)
+        loss = cross_view_mean(list(p_t.split(batch)), list(log_p_s.split(batch)))
+        if self.training:
+            self.center.update(t, teacher_temp, teacher_bias)
+        return loss
+
+
+class IBOTPatchLoss(nn.Module):
+    """iBOT masked-patch loss (§6.2): same-view pairs, masked positions only, with its own center.
+
+    ``forward(student_logits, teacher_logits (2B, N, K), masks (2B, N), teacher_temp)``; the student
+    logits are either dense ``(2B, N, K)`` or only the masked tokens ``(M, K)`` in row-major mask order
+    (cheaper). The patch center averages the teacher logits of **all** patches.
+    """
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        student_temp: float = 0.1,
+        centering: Centering = "logit",
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+        self.center = Center(num_prototypes, centering, center_momentum)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        masks: Tensor,
+        teacher_temp: float,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> Tensor:
+        masks = masks.flatten(1).bool()
+        t = teacher_logits.detach().float()
+        if t.shape[:2] != masks.shape:
+            raise ValueError(
+                f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)"
+            )
+        s = student_logits.float()
+        if s.ndim == 3:
+            s = s[masks]
+        if s.shape[0] != int(masks.sum()):
+            raise ValueError(
+                f"student_logits has {s.shape[0]} rows but masks select {int(masks.sum())} tokens"
+            )
+        a = s / self.student_temp
+        log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
+        p_t = self.center.teacher_probs(t[masks], teacher_temp, teacher_bias)
+        loss = masked_image_mean(cross_entropy(p_t, log_p_s), masks)
+        if self.training:
+            self.center.update(t, teacher_temp, teacher_bias)
+        return loss

@@ -1,0 +1,7 @@
+"""Self-supervised methods (LightningModules): a backbone, heads and objectives put together."""
+
+from .base import SelfDistillation
+from .dino import DINO
+from .ibot import IBOT
+
+__all__ = ["SelfDistillation", "DINO", "IBOT"]

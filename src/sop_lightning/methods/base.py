@@ -1,0 +1,278 @@
+"""``SelfDistillation``: the student / EMA-teacher skeleton every method shares (ALGORITHMS.md §2, §10).
+
+A method subclass only says which head it needs and how its objectives turn student and teacher
+embeddings into losses (:meth:`compute_losses`); views, schedules, parameter groups, clipping,
+last-layer freeze, fp32 losses and logging live here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backbones import ViTBackbone
+from ..callbacks.ema import EMATeacher
+from ..data.datamodule import MultiCropBatch
+from ..heads import ProjectionHead, PrototypeLayer
+from ..network import Embeddings, SSLNetwork, make_teacher
+from ..schedules import cosine_at, epoch_warmup_at
+
+__all__ = ["SelfDistillation"]
+
+
+class SelfDistillation(L.LightningModule):
+    """Student + EMA teacher with the shared training arguments of API.md.
+
+    Args:
+        backbone: timm ViT name; ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``
+            override its config (small images).
+        out_dim: head bottleneck ``d`` (256); ``hidden_dim``: head MLP width (2048).
+        base_lr: learning rate per 256 images (scaled by the global batch); ``min_lr``; ``warmup_epochs``.
+        weight_decay → weight_decay_end: cosine, decayed group only (§8.5).
+        momentum_teacher: EMA momentum, → 1 by cosine.
+        teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: teacher temperature warm-up.
+        student_temp: ``τ_s``.
+        clip_grad: per-tensor gradient-norm clip (0 = off, §2 step 8).
+        freeze_last_layer: epochs during which the prototype layer gets no update.
+        drop_path_rate: student stochastic depth.
+        seed: seeds the rank-consistent random draws of the objectives.
+    """
+
+    #: The student sees masked global views (iBOT, SOP).
+    uses_masks: bool = False
+    #: The objectives need patch embeddings of the global views.
+    uses_patches: bool = False
+    #: Teacher temperature warms up per iteration (SOP) rather than per epoch (DINO / iBOT code).
+    teacher_temp_per_iteration: bool = False
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        out_dim: int = 256,
+        hidden_dim: int = 2048,
+        base_lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        momentum_teacher: float = 0.996,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        student_temp: float = 0.1,
+        clip_grad: float = 3.0,
+        freeze_last_layer: int = 1,
+        drop_path_rate: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        _check_positive(
+            base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim
+        )
+        _check_range("momentum_teacher", momentum_teacher, 0.0, 1.0)
+        _check_range("drop_path_rate", drop_path_rate, 0.0, 1.0)
+        if clip_grad < 0 or warmup_epochs < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
+            raise ValueError(
+                "clip_grad, warmup_epochs, freeze_last_layer and warmup_teacher_temp_epochs must be >= 0, got "
+                f"{clip_grad}, {warmup_epochs}, {freeze_last_layer}, {warmup_teacher_temp_epochs}"
+            )
+        vit = ViTBackbone(
+            backbone,
+            img_size,
+            patch_size,
+            embed_dim,
+            depth,
+            num_heads,
+            drop_path_rate,
+            mask_token=self.uses_masks,
+        )
+        self.student = SSLNetwork(vit, ProjectionHead(vit.embed_dim, hidden_dim, out_dim))
+        self.teacher = make_teacher(self.student)
+        self._total_steps: int | None = None
+        self._steps_per_epoch: int | None = None
+
+    # ------------------------------------------------------------------ what a method provides
+    def add_prototypes(self, num_prototypes: int, norm_last_layer: bool) -> None:
+        """Give the student a prototype layer (DINO / iBOT) and rebuild the teacher as its copy."""
+        self.student.prototypes = PrototypeLayer(self.hparams.out_dim, num_prototypes, norm_last_layer)
+        self.teacher = make_teacher(self.student)
+
+    def compute_losses(
+        self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float
+    ) -> dict:
+        """``{"loss": total, ...named parts}`` in fp32 from the step's embeddings (method-specific)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ schedules (§10.1)
+    def set_schedule_length(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Fix ``T`` and iterations per epoch (taken from the trainer when not set)."""
+        if total_steps < 1 or steps_per_epoch < 1:
+            raise ValueError(
+                f"total_steps and steps_per_epoch must be >= 1, got {total_steps}, {steps_per_epoch}"
+            )
+        self._total_steps, self._steps_per_epoch = int(total_steps), int(steps_per_epoch)
+
+    def _schedule_length(self) -> tuple[int, int]:
+        if self._total_steps is None:
+            trainer = self.trainer
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("set max_epochs or max_steps: the schedules need the run length")
+            if trainer.max_epochs and trainer.max_epochs > 0:
+                per_epoch = max(1, math.ceil(total / trainer.max_epochs))
+            else:
+                per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+            self.set_schedule_length(int(total), per_epoch)
+        return self._total_steps, self._steps_per_epoch  # type: ignore[return-value]
+
+    def global_batch_size(self, batch_size: int) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return batch_size
+        return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def lr_at(self, step: int, global_batch: int) -> float:
+        total, per_epoch = self._schedule_length()
+        hp = self.hparams
+        warm = min(int(hp.warmup_epochs * per_epoch), total)
+        return cosine_at(step, hp.base_lr * global_batch / 256, hp.min_lr, total, warm, 0.0)
+
+    def weight_decay_at(self, step: int) -> float:
+        total, _ = self._schedule_length()
+        return cosine_at(step, self.hparams.weight_decay, self.hparams.weight_decay_end, total)
+
+    def momentum_at(self, step: int) -> float:
+        total, _ = self._schedule_length()
+        return cosine_at(step, self.hparams.momentum_teacher, 1.0, total)
+
+    def teacher_temp_at(self, step: int, final: float | None = None) -> float:
+        """``τ_t`` at ``step``: warm-up from ``warmup_teacher_temp`` to ``final`` (default
+        ``teacher_temp``), per iteration (SOP) or per epoch (DINO / iBOT), §10.1."""
+        total, per_epoch = self._schedule_length()
+        hp = self.hparams
+        final = hp.teacher_temp if final is None else final
+        if self.teacher_temp_per_iteration:
+            warm = min(hp.warmup_teacher_temp_epochs * per_epoch, total)
+            return cosine_at(step, final, final, total, warm, hp.warmup_teacher_temp)
+        return epoch_warmup_at(
+            step // per_epoch, hp.warmup_teacher_temp, final, hp.warmup_teacher_temp_epochs
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [EMATeacher()]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            # §8.5: biases, 1-D tensors and weight-norm gains (shape (K, 1)) are not decayed.
+            if name.endswith(".bias") or p.ndim <= 1 or name.endswith("original0"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.hparams.base_lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def training_step(self, batch: MultiCropBatch, batch_idx: int) -> Tensor:
+        step = self.global_step
+        lr = self.lr_at(step, self.global_batch_size(batch.batch_size))
+        wd = self.weight_decay_at(step)
+        temp = self.teacher_temp_at(step)
+        optimizer = self.optimizers()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = wd
+
+        views = batch.views
+        masks = batch.masks.flatten(0, 1) if self.uses_masks else None  # (2B, H', W')
+        with torch.no_grad():
+            teacher = self.teacher(views[:2], return_patches=self.uses_patches)
+        student = self.student(views, masks=masks, return_patches=self.uses_patches)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            teacher = Embeddings(*(None if t is None else t.float() for t in teacher))
+            student = Embeddings(*(None if s is None else s.float() for s in student))
+            losses = self.compute_losses(student, teacher, masks, temp)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; stopping the run")
+        log = {f"train/{k}": v.detach() for k, v in losses.items()}
+        log.update({"train/lr": lr, "train/weight_decay": wd, "train/teacher_temp": temp,
+                    "train/momentum": self.momentum_at(step)})  # fmt: skip
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch.batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch.batch_size)
+        return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip = self.hparams.clip_grad
+        if clip > 0:
+            clip_per_tensor_(self.student.parameters(), clip)
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        prototypes = self.student.prototypes
+        if prototypes is not None and self.current_epoch < self.hparams.freeze_last_layer:
+            for p in prototypes.parameters():
+                p.grad = None
+
+    # ------------------------------------------------------------------ public helpers (API.md)
+    def teacher_backbone(self) -> ViTBackbone:
+        return self.teacher.backbone
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """L2-normalised teacher [CLS] features ``(B, D)`` after the final norm (§11.1)."""
+        return F.normalize(self.teacher.backbone(images).cls.float(), dim=-1)
+
+    def export_backbone(self, path: str | Path) -> dict[str, Any]:
+        """Write the teacher backbone as a plain timm state dict; returns the ``timm.create_model``
+        keyword arguments that load it with ``strict=True``."""
+        backbone = self.teacher.backbone
+        state = {k: v.detach().cpu().clone() for k, v in backbone.vit.state_dict().items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        return backbone.timm_kwargs()
+
+
+@torch.no_grad()
+def clip_per_tensor_(parameters, max_norm: float) -> None:
+    """For every gradient ``g``: ``g ← g · min(1, c / (||g|| + 1e-6))`` (§2 step 8)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
