@@ -71,14 +71,12 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
         self.model_name = name
         self.model_kwargs = overrides
-        vit = timm.create_model(
-            name,
-            pretrained=False,
-            num_classes=0,
-            dynamic_img_size=True,
-            drop_path_rate=drop_path_rate,
-            **overrides,
-        )
+        try:
+            vit = timm.create_model(
+                name, pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate, **overrides
+            )
+        except TypeError as err:  # a non-ViT architecture rejects the ViT keyword arguments
+            raise ValueError(f"backbone={name!r} is not a timm VisionTransformer ({err})") from err
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"backbone={name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
         grid, patch = vit.patch_embed.grid_size, vit.patch_embed.patch_size
@@ -103,9 +101,7 @@ class ViTBackbone(nn.Module):
         """All tokens after the final norm, ``(B, prefix + N, D)``."""
         ph, pw = self.patch_size
         if x.ndim != 4 or x.shape[-2] % ph or x.shape[-1] % pw:
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} must be (B, C, H, W) with H, W multiples of {ph}x{pw}"
-            )
+            raise ValueError(f"input of shape {tuple(x.shape)} must be (B, C, H, W) with H, W multiples of {ph}x{pw}")
         vit = self.vit
         t = vit.patch_embed(x)  # (B, H', W', D) with dynamic_img_size
         if mask is not None:

@@ -166,9 +166,7 @@ class SSLDataModule(L.LightningDataModule):
         if self._train is None:
             self._train = self._resolve(self.dataset)
 
-    def _loader(
-        self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -183,9 +181,7 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         if len(self._train) < self.batch_size:
-            raise ValueError(
-                f"the training set has {len(self._train)} images, fewer than batch_size={self.batch_size}"
-            )
+            raise ValueError(f"the training set has {len(self._train)} images, fewer than batch_size={self.batch_size}")
         data = TransformedDataset(self._train, self.transform, self.masks)
         return self._loader(data, collate_multicrop, shuffle=True, drop_last=True, batch_size=self.batch_size)
 

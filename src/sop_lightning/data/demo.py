@@ -76,9 +76,7 @@ class FashionMNIST(Dataset):
         self.images = torch.from_numpy(_read_idx(paths[0]).copy())
         self.targets = torch.from_numpy(_read_idx(paths[1]).astype(np.int64))
         if len(self.images) != len(self.targets):
-            raise ValueError(
-                f"{paths[0]} has {len(self.images)} images but {paths[1]} {len(self.targets)} labels"
-            )
+            raise ValueError(f"{paths[0]} has {len(self.images)} images but {paths[1]} {len(self.targets)} labels")
         self.root, self.split = str(root), split
 
     def __len__(self) -> int:

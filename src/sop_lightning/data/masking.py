@@ -103,9 +103,7 @@ class MaskRatioSampler:
     ``r ~ U(0.1, 0.5)`` otherwise.
     """
 
-    def __init__(
-        self, pred_ratio: float | Sequence[float] = 0.3, pred_ratio_var: float | Sequence[float] = 0.0
-    ):
+    def __init__(self, pred_ratio: float | Sequence[float] = 0.3, pred_ratio_var: float | Sequence[float] = 0.0):
         ratios = [pred_ratio] if isinstance(pred_ratio, (int, float)) else list(pred_ratio)
         variances = [pred_ratio_var] if isinstance(pred_ratio_var, (int, float)) else list(pred_ratio_var)
         if len(ratios) != len(variances) or not ratios:

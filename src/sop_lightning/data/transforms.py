@@ -61,9 +61,7 @@ class MultiCropTransform:
             steps: list[v2.Transform] = [
                 v2.ToImage(),
                 v2.RGB(),
-                v2.RandomResizedCrop(
-                    size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True
-                ),
+                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.RandomHorizontalFlip(flip_prob),
                 v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_prob),
@@ -96,9 +94,7 @@ def eval_transform(
         [
             v2.ToImage(),
             v2.RGB(),
-            v2.Resize(
-                int(round(size * resize_ratio)), interpolation=InterpolationMode.BICUBIC, antialias=True
-            ),
+            v2.Resize(int(round(size * resize_ratio)), interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),

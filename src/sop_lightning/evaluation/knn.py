@@ -62,19 +62,13 @@ def knn_classify(
         backend: ``"torch"`` (chunked matmul + top-k), ``"faiss"`` (IndexFlatIP) or ``"auto"``.
         max_elements: bound on a similarity block of the torch backend (memory).
     """
-    if (
-        train_features.ndim != 2
-        or test_features.ndim != 2
-        or train_features.shape[1] != test_features.shape[1]
-    ):
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"train_features {tuple(train_features.shape)} and test_features {tuple(test_features.shape)} "
             "must be (N, D) with the same D"
         )
     if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(
-            f"train_labels of shape {tuple(train_labels.shape)} must be ({train_features.shape[0]},)"
-        )
+        raise ValueError(f"train_labels of shape {tuple(train_labels.shape)} must be ({train_features.shape[0]},)")
     if train_features.shape[0] == 0:
         raise ValueError("train_features is empty")
     if k < 1:

@@ -96,9 +96,7 @@ class DINOLoss(nn.Module):
         s, t = student_logits.float(), teacher_logits.detach().float()
         batch = t.shape[0] // 2
         if t.shape[0] % 2 or s.shape[0] % batch:
-            raise ValueError(
-                f"teacher rows {t.shape[0]} must be 2·B and student rows {s.shape[0]} a multiple of B"
-            )
+            raise ValueError(f"teacher rows {t.shape[0]} must be 2·B and student rows {s.shape[0]} a multiple of B")
         a = s / self.student_temp
         log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
         p_t = self.center.teacher_probs(t, teacher_temp, teacher_bias)
@@ -141,16 +139,12 @@ class IBOTPatchLoss(nn.Module):
         masks = masks.flatten(1).bool()
         t = teacher_logits.detach().float()
         if t.shape[:2] != masks.shape:
-            raise ValueError(
-                f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)"
-            )
+            raise ValueError(f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
         s = student_logits.float()
         if s.ndim == 3:
             s = s[masks]
         if s.shape[0] != int(masks.sum()):
-            raise ValueError(
-                f"student_logits has {s.shape[0]} rows but masks select {int(masks.sum())} tokens"
-            )
+            raise ValueError(f"student_logits has {s.shape[0]} rows but masks select {int(masks.sum())} tokens")
         a = s / self.student_temp
         log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
         p_t = self.center.teacher_probs(t[masks], teacher_temp, teacher_bias)

@@ -78,9 +78,7 @@ class SelfDistillation(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        _check_positive(
-            base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim
-        )
+        _check_positive(base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim)
         _check_range("momentum_teacher", momentum_teacher, 0.0, 1.0)
         _check_range("drop_path_rate", drop_path_rate, 0.0, 1.0)
         if clip_grad < 0 or warmup_epochs < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
@@ -109,9 +107,7 @@ class SelfDistillation(L.LightningModule):
         self.student.prototypes = PrototypeLayer(self.hparams.out_dim, num_prototypes, norm_last_layer)
         self.teacher = make_teacher(self.student)
 
-    def compute_losses(
-        self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float
-    ) -> dict:
+    def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
         """``{"loss": total, ...named parts}`` in fp32 from the step's embeddings (method-specific)."""
         raise NotImplementedError
 
@@ -119,9 +115,7 @@ class SelfDistillation(L.LightningModule):
     def set_schedule_length(self, total_steps: int, steps_per_epoch: int) -> None:
         """Fix ``T`` and iterations per epoch (taken from the trainer when not set)."""
         if total_steps < 1 or steps_per_epoch < 1:
-            raise ValueError(
-                f"total_steps and steps_per_epoch must be >= 1, got {total_steps}, {steps_per_epoch}"
-            )
+            raise ValueError(f"total_steps and steps_per_epoch must be >= 1, got {total_steps}, {steps_per_epoch}")
         self._total_steps, self._steps_per_epoch = int(total_steps), int(steps_per_epoch)
 
     def _schedule_length(self) -> tuple[int, int]:
@@ -166,9 +160,7 @@ class SelfDistillation(L.LightningModule):
         if self.teacher_temp_per_iteration:
             warm = min(hp.warmup_teacher_temp_epochs * per_epoch, total)
             return cosine_at(step, final, final, total, warm, hp.warmup_teacher_temp)
-        return epoch_warmup_at(
-            step // per_epoch, hp.warmup_teacher_temp, final, hp.warmup_teacher_temp_epochs
-        )
+        return epoch_warmup_at(step // per_epoch, hp.warmup_teacher_temp, final, hp.warmup_teacher_temp_epochs)
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_callbacks(self) -> list[L.Callback]:

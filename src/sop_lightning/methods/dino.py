@@ -36,10 +36,6 @@ class DINO(SelfDistillation):
         self.add_prototypes(num_prototypes, norm_last_layer)
         self.dino_loss = DINOLoss(num_prototypes, self.hparams.student_temp, centering, center_momentum)
 
-    def compute_losses(
-        self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float
-    ) -> dict:
-        loss = self.dino_loss(
-            self.student.prototypes(student.cls), self.teacher.prototypes(teacher.cls), temp
-        )
+    def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
+        loss = self.dino_loss(self.student.prototypes(student.cls), self.teacher.prototypes(teacher.cls), temp)
         return {"loss": loss}

@@ -50,15 +50,11 @@ class IBOT(SelfDistillation):
         self.dino_loss = DINOLoss(num_prototypes, student_temp, centering, center_momentum)
         self.patch_loss = IBOTPatchLoss(num_prototypes, student_temp, centering, center_momentum)
 
-    def compute_losses(
-        self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float
-    ) -> dict:
+    def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
         proto_s, proto_t = self.student.prototypes, self.teacher.prototypes
         cls_loss = self.dino_loss(proto_s(student.cls), proto_t(teacher.cls), temp)
         flat = masks.flatten(1)
         patch_temp = self.teacher_temp_at(self.global_step, self.hparams.teacher_patch_temp)
-        patch_loss = self.patch_loss(
-            proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp
-        )
+        patch_loss = self.patch_loss(proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp)
         loss = cls_loss + self.hparams.mim_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}

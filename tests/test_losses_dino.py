@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from sop_lightning.losses.dino import Center, DINOLoss, IBOTPatchLoss
+
+
+def _softmax(row):
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def _ce(p, q):
+    return -sum(pi * math.log(qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def _dino_reference(student, teacher, center, t_s, t_t, B):
+    """Scalar-loop DINO loss (§6.1)."""
+    V = len(student) // B
+    total, pairs = 0.0, 0
+    for q in range(2):
+        for v in range(V):
+            if v == q:
+                continue
+            for b in range(B):
+                target = _softmax([(x - c) / t_t for x, c in zip(teacher[q * B + b], center)])
+                pred = _softmax([x / t_s for x in student[v * B + b]])
+                total += _ce(target, pred) / B
+            pairs += 1
+    return total / pairs
+
+
+def test_dino_loss_matches_reference_and_updates_center():
+    g = torch.Generator().manual_seed(0)
+    B, V, K = 3, 4, 7
+    s = torch.randn(V * B, K, generator=g, dtype=torch.float64)
+    t = torch.randn(2 * B, K, generator=g, dtype=torch.float64)
+    loss_fn = DINOLoss(K, student_temp=0.1, centering="logit", center_momentum=0.9).double()
+    c0 = torch.randn(K, generator=g, dtype=torch.float64)
+    loss_fn.center.center.copy_(c0)
+    out = loss_fn(s, t, teacher_temp=0.04)
+    ref = _dino_reference(s.tolist(), t.tolist(), c0.tolist(), 0.1, 0.04, B)
+    assert out.item() == pytest.approx(ref, rel=1e-6)
+    expected_center = [0.9 * c.item() + 0.1 * sum(t[r, j].item() for r in range(2 * B)) / (2 * B) for j, c in enumerate(c0)]
+    assert loss_fn.center.center.tolist() == pytest.approx(expected_center, rel=1e-6)
+    # eval mode leaves the center alone
+    loss_fn.eval()
+    before = loss_fn.center.center.clone()
+    loss_fn(s, t, teacher_temp=0.04)
+    torch.testing.assert_close(loss_fn.center.center, before)
+
+
+def test_dino_loss_gradient_only_to_student():
+    s = torch.randn(8, 5, requires_grad=True)
+    t = torch.randn(4, 5, requires_grad=True)
+    DINOLoss(5)(s, t, 0.04).backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_ibot_patch_loss_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    B2, N, K = 4, 5, 6
+    s = torch.randn(B2, N, K, generator=g, dtype=torch.float64)
+    t = torch.randn(B2, N, K, generator=g, dtype=torch.float64)
+    masks = torch.rand(B2, N, generator=g) < 0.5
+    masks[0] = False  # an image without masked patches still counts in the mean
+    masks[1, 0] = True
+    fn = IBOTPatchLoss(K, student_temp=0.1).double()
+    c0 = torch.randn(K, generator=g, dtype=torch.float64)
+    fn.center.center.copy_(c0)
+    dense = fn(s, t, masks, teacher_temp=0.05)
+    total = 0.0
+    for b in range(B2):
+        n = int(masks[b].sum())
+        acc = 0.0
+        for i in range(N):
+            if masks[b, i]:
+                target = _softmax([(x - c) / 0.05 for x, c in zip(t[b, i].tolist(), c0.tolist())])
+                acc += _ce(target, _softmax([x / 0.1 for x in s[b, i].tolist()]))
+        total += acc / max(1, n)
+    assert dense.item() == pytest.approx(total / B2, rel=1e-6)
+    # only-masked student rows give the same value
+    fn.center.center.copy_(c0)
+    assert fn(s[masks], t, masks, 0.05).item() == pytest.approx(dense.item(), rel=1e-9)
+    # center = EMA of the mean over ALL patches
+    expected = 0.9 * c0 + 0.1 * t.reshape(-1, K).mean(0)
+    torch.testing.assert_close(fn.center.center, expected)
+
+
+def test_probability_centering_keeps_a_distribution():
+    c = Center(6, mode="prob")
+    torch.testing.assert_close(c.center, torch.full((6,), 1 / 6))
+    logits = torch.randn(10, 6)
+    c.update(logits, 0.1)
+    p = c.teacher_probs(logits, 0.1)
+    torch.testing.assert_close(p.sum(-1), torch.ones(10))
+    # divisive form: p ∝ softmax(l/τ) / c̄
+    ref = torch.softmax(logits / 0.1, -1) / c.center
+    torch.testing.assert_close(p, ref / ref.sum(-1, keepdim=True))
+    none = Center(6, mode="none")
+    torch.testing.assert_close(none.teacher_probs(logits, 0.1), torch.softmax(logits / 0.1, -1))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="centering"):
+        Center(4, mode="bad")
+    with pytest.raises(ValueError, match="student_temp"):
+        DINOLoss(4, student_temp=0)
+    with pytest.raises(ValueError, match="masks"):
+        IBOTPatchLoss(4)(torch.randn(3, 4), torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), 0.04)
