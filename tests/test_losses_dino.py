@@ -44,7 +44,9 @@ def test_dino_loss_matches_reference_and_updates_center():
     out = loss_fn(s, t, teacher_temp=0.04)
     ref = _dino_reference(s.tolist(), t.tolist(), c0.tolist(), 0.1, 0.04, B)
     assert out.item() == pytest.approx(ref, rel=1e-6)
-    expected_center = [0.9 * c.item() + 0.1 * sum(t[r, j].item() for r in range(2 * B)) / (2 * B) for j, c in enumerate(c0)]
+    expected_center = [
+        0.9 * c.item() + 0.1 * sum(t[r, j].item() for r in range(2 * B)) / (2 * B) for j, c in enumerate(c0)
+    ]
     assert loss_fn.center.center.tolist() == pytest.approx(expected_center, rel=1e-6)
     # eval mode leaves the center alone
     loss_fn.eval()

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+
+from sop_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
+DEMO = sorted((ROOT / "experiments" / "demo").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_print_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: sop_lightning." in out
+
+
+@pytest.mark.parametrize("config", DEMO, ids=lambda p: p.stem)
+def test_two_step_fit_of_demo_config(config, fake_fmnist, tmp_path):
+    cli = main(
+        [
+            "fit", "--config", str(config),
+            "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "4",
+            "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert cli.trainer.global_step == 2
+    events = list(Path(tmp_path).rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard logs were not written"
+    ckpts = list(Path(tmp_path).rglob("*.ckpt"))
+    assert ckpts
+    # linked data facts reached the model
+    assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 4

@@ -1,0 +1,98 @@
+import gzip
+
+import pytest
+import torch
+from PIL import Image
+
+from sop_lightning.data import (
+    FashionMNIST,
+    ImageFolderDataset,
+    MultiCropBatch,
+    MultiCropTransform,
+    SSLDataModule,
+    collate_multicrop,
+)
+
+
+def test_fashion_mnist_reads_idx_files(fake_fmnist):
+    ds = FashionMNIST(str(fake_fmnist), "train")
+    assert len(ds) == 20 and len(FashionMNIST(str(fake_fmnist), "test")) == 8
+    img, label = ds[13]
+    assert img.shape == (3, 28, 28) and img.dtype == torch.uint8 and label == 3
+    with gzip.open(fake_fmnist / "train-images-idx3-ubyte.gz") as f:
+        raw = f.read()[16:]
+    expected = torch.tensor(list(raw[13 * 784 : 14 * 784]), dtype=torch.uint8).view(28, 28)
+    assert torch.equal(img[0], expected) and torch.equal(img[2], expected)
+
+
+def test_missing_demo_data_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST(str(tmp_path), "train")
+
+
+def test_image_folder_with_classes_and_flat(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "labelled" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (10, 12), (i * 50, 0, 0)).save(tmp_path / "labelled" / cls / f"{i}.png")
+    ds = ImageFolderDataset(str(tmp_path / "labelled"))
+    assert len(ds) == 4 and ds.classes == ["cat", "dog"] and [ds[i][1] for i in range(4)] == [0, 0, 1, 1]
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (9, 9)).save(tmp_path / "flat" / "a.jpg")
+    img, label = ImageFolderDataset(str(tmp_path / "flat"))[0]
+    assert img.mode == "RGB" and label is None
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="contains no images"):
+        ImageFolderDataset(str(tmp_path))
+    with pytest.raises(ValueError, match="not a directory"):
+        ImageFolderDataset(str(tmp_path / "missing"))
+
+
+def test_multicrop_transform_shapes_and_order():
+    t = MultiCropTransform(32, 16, 3, global_scale=(0.5, 1.0), local_scale=(0.1, 0.4))
+    views = t(Image.new("L", (40, 40), 128))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in views)
+    with pytest.raises(ValueError, match="global_scale"):
+        MultiCropTransform(global_scale=(0.5, 0.2))
+
+
+def test_collate_is_view_major():
+    samples = [([torch.full((3, 4, 4), float(i)), torch.full((3, 4, 4), 10.0 + i), torch.zeros(3, 2, 2)],
+                torch.tensor([[[i % 2 == 0]], [[True]]]), i) for i in range(3)]  # fmt: skip
+    batch = collate_multicrop(samples)
+    assert isinstance(batch, MultiCropBatch) and batch.batch_size == 3
+    assert batch.views[0][:, 0, 0, 0].tolist() == [0, 1, 2] and batch.views[1][:, 0, 0, 0].tolist() == [10, 11, 12]
+    assert batch.masks.shape == (2, 3, 1, 1) and batch.masks[0, :, 0, 0].tolist() == [True, False, True]
+    assert batch.labels.tolist() == [0, 1, 2]
+
+
+def test_datamodule_batches(fake_fmnist):
+    dm = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
+                       num_local=2, patch_size=4, mask_ratio=0.3, mask_ratio_var=0.0)  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    assert [tuple(v.shape) for v in batch.views] == [(4, 3, 28, 28)] * 2 + [(4, 3, 12, 12)] * 2
+    assert batch.masks.shape == (2, 4, 7, 7) and batch.masks.dtype == torch.bool
+    assert (batch.masks.flatten(2).sum(-1) <= int(0.3 * 49)).all() and batch.masks.any()
+    train, val = dm.knn_dataloaders(batch_size=5)
+    x, y = next(iter(val))
+    assert x.shape == (5, 3, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
+    assert sum(len(b[1]) for b in train) == 20
+    no_mask = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
+                            num_local=0, patch_size=4, masking=False)  # fmt: skip
+    assert not next(iter(no_mask.train_dataloader())).masks.any()
+
+
+def test_datamodule_errors(tmp_path):
+    with pytest.raises(ValueError, match="global_size=30 must be divisible by patch_size=4"):
+        SSLDataModule(global_size=30, patch_size=4)
+    (tmp_path / "empty").mkdir()
+    dm = SSLDataModule(dataset=str(tmp_path / "empty"), num_workers=0)
+    with pytest.raises(ValueError, match="contains no images"):
+        dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        SSLDataModule(root=str(tmp_path)).setup("fit")

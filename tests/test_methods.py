@@ -1,0 +1,121 @@
+import lightning as L
+import pytest
+import torch
+
+import sop_lightning.callbacks.ema as ema_module
+from sop_lightning import DINO, IBOT, SSLDataModule
+from sop_lightning.callbacks.ema import ema_update_
+from sop_lightning.methods.base import clip_per_tensor_
+
+TINY = dict(backbone="vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+            hidden_dim=64, out_dim=16)  # fmt: skip
+
+
+def _data(root, **kw):
+    args = dict(root=str(root), batch_size=4, num_workers=0, global_size=28, local_size=12, num_local=2,
+                patch_size=4, mask_ratio=0.3, mask_ratio_var=0.0)  # fmt: skip
+    args.update(kw)
+    return SSLDataModule(**args)
+
+
+def _trainer(**kw):
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, max_epochs=1)  # fmt: skip
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+@pytest.mark.parametrize("cls", [DINO, IBOT])
+def test_gradients_reach_student_only(cls, fake_fmnist):
+    model = cls(num_prototypes=32, **TINY)
+    model.set_schedule_length(10, 5)
+    batch = next(iter(_data(fake_fmnist).train_dataloader()))
+    masks = batch.masks.flatten(0, 1) if model.uses_masks else None
+    teacher = model.teacher(batch.views[:2], return_patches=model.uses_patches)
+    student = model.student(batch.views, masks=masks, return_patches=model.uses_patches)
+    model.compute_losses(student, teacher, masks, 0.04)["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    grads = {n: p.grad for n, p in model.student.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert grads["backbone.vit.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    if model.uses_masks and masks.any():
+        assert grads["backbone.mask_token"].abs().sum() > 0
+    assert model.teacher.backbone.mask_token is None
+
+
+def test_teacher_starts_as_copy_without_drop_path():
+    model = IBOT(num_prototypes=32, drop_path_rate=0.3, **{**TINY, "depth": 2})
+    assert any(getattr(m, "drop_prob", 0) > 0 for m in model.student.modules())
+    s, t = dict(model.student.named_parameters()), dict(model.teacher.named_parameters())
+    assert set(s) - set(t) == {"backbone.mask_token"}
+    assert all(torch.equal(t[n], s[n]) for n in t)
+    drops = [m.drop_prob for m in model.teacher.modules() if hasattr(m, "drop_prob")]
+    assert drops and all(d == 0 for d in drops)
+
+
+def test_ema_update_formula():
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = teacher.weight.detach().clone()
+    ema_update_(teacher, student, 0.9)
+    torch.testing.assert_close(teacher.weight, 0.9 * t0 + 0.1 * student.weight.detach())
+
+
+def test_clip_per_tensor_matches_reference():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5 -> clipped to 3
+    b.grad = torch.full((2, 2), 0.5)  # norm 1 -> kept
+    clip_per_tensor_([a, b], 3.0)
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0, 0.0]) * 3.0 / (5.0 + 1e-6))
+    torch.testing.assert_close(b.grad, torch.full((2, 2), 0.5))
+
+
+def test_parameter_groups():
+    model = DINO(num_prototypes=32, norm_last_layer=False, **TINY)
+    opt = model.configure_optimizers()
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert "backbone.vit.cls_token" in decay and "backbone.vit.pos_embed" in decay
+    assert "prototypes.last_layer.parametrizations.weight.original1" in decay
+    assert "prototypes.last_layer.parametrizations.weight.original0" in no_decay
+    assert "backbone.vit.norm.weight" in no_decay and "head.mlp.0.bias" in no_decay
+    assert opt.param_groups[1]["weight_decay"] == 0
+
+
+def test_ema_runs_once_per_optimizer_step_and_schedules_apply(fake_fmnist, monkeypatch):
+    calls = []
+    original = ema_module.ema_update_
+
+    def spy(teacher, student, momentum):
+        calls.append(momentum)
+        original(teacher, student, momentum)
+
+    monkeypatch.setattr(ema_module, "ema_update_", spy)
+    model = IBOT(num_prototypes=32, warmup_epochs=0, base_lr=1e-3, **TINY)
+    trainer = _trainer(accumulate_grad_batches=2, limit_train_batches=4, max_epochs=1)
+    trainer.fit(model, _data(fake_fmnist))
+    assert trainer.global_step == 2 and len(calls) == 2
+    assert calls == pytest.approx([model.momentum_at(0), model.momentum_at(1)])
+    # lr of the last step: cosine from base_lr * global batch (4 * 2) / 256, T = 2 steps
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(model.lr_at(1, 8))
+    assert model.lr_at(0, 8) == pytest.approx(1e-3 * 8 / 256)
+    assert opt.param_groups[1]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("freeze", [0, 1])
+def test_freeze_last_layer(fake_fmnist, freeze):
+    model = DINO(num_prototypes=32, norm_last_layer=False, freeze_last_layer=freeze, warmup_epochs=0, **TINY)
+    before = {n: p.detach().clone() for n, p in model.student.prototypes.named_parameters()}
+    _trainer(limit_train_batches=2).fit(model, _data(fake_fmnist, masking=False))
+    changed = [not torch.equal(before[n], p) for n, p in model.student.prototypes.named_parameters()]
+    assert all(changed) if freeze == 0 else not any(changed)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="momentum_teacher"):
+        DINO(momentum_teacher=1.5, **TINY)
+    with pytest.raises(ValueError, match="base_lr"):
+        DINO(base_lr=0, **TINY)
+    with pytest.raises(ValueError, match="mim_weight"):
+        IBOT(mim_weight=-1, **TINY)
