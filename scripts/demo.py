@@ -21,6 +21,7 @@ def run(argv: list[str]) -> dict[str, float]:
     parser.add_argument("--config", default="experiments/demo/ibot.yaml")
     args, extra = parser.parse_known_args(argv)
     start = time.perf_counter()
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly
     cli = cli_main(["--config", args.config, *extra], run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     train_time = time.perf_counter() - start

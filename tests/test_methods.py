@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sop_lightning.callbacks.ema as ema_module
-from sop_lightning import DINO, IBOT, SSLDataModule
+from sop_lightning import DINO, IBOT, SOP, SSLDataModule
 from sop_lightning.callbacks.ema import ema_update_
 from sop_lightning.methods.base import clip_per_tensor_
 
@@ -25,9 +25,12 @@ def _trainer(**kw):
     return L.Trainer(**args)
 
 
-@pytest.mark.parametrize("cls", [DINO, IBOT])
+SOP_SMALL = dict(memory_size=64, patch_memory_size=32, num_anchors=8, num_neighbors=2, num_patch_anchors=4)
+
+
+@pytest.mark.parametrize("cls", [DINO, IBOT, SOP])
 def test_gradients_reach_student_only(cls, fake_fmnist):
-    model = cls(num_prototypes=32, **TINY)
+    model = cls(**SOP_SMALL, **TINY) if cls is SOP else cls(num_prototypes=32, **TINY)
     model.set_schedule_length(10, 5)
     batch = next(iter(_data(fake_fmnist).train_dataloader()))
     masks = batch.masks.flatten(0, 1) if model.uses_masks else None
@@ -41,6 +44,25 @@ def test_gradients_reach_student_only(cls, fake_fmnist):
     if model.uses_masks and masks.any():
         assert grads["backbone.mask_token"].abs().sum() > 0
     assert model.teacher.backbone.mask_token is None
+    for buffer in model.buffers():
+        assert not buffer.requires_grad
+
+
+def test_sop_queues_teacher_rows_of_view_two(fake_fmnist):
+    model = SOP(**SOP_SMALL, **TINY)
+    model.set_schedule_length(10, 5)
+    batch = next(iter(_data(fake_fmnist).train_dataloader()))
+    masks = batch.masks.flatten(0, 1)
+    with torch.no_grad():
+        teacher = model.teacher(batch.views[:2], return_patches=True)
+        student = model.student(batch.views, masks=masks, return_patches=True)
+    model.compute_losses(student, teacher, masks, 0.04)
+    (cls_bank, cls_rows), (patch_bank, patch_rows) = model.pop_memory_updates()
+    assert cls_bank is model.sop_loss.memory and patch_bank is model.sop_mim_loss.memory
+    torch.testing.assert_close(cls_rows, teacher.cls[4:8])  # B = 4: rows 4..7 are global view 2
+    for b in range(4):  # each patch row is one of the image's own view-2 patch embeddings
+        assert (teacher.patches[4 + b] - patch_rows[b]).abs().sum(-1).min() < 1e-6
+    assert model.pop_memory_updates() == []
 
 
 def test_teacher_starts_as_copy_without_drop_path():

@@ -6,11 +6,12 @@ Methods: SOP (Self-Organizing Visual Prototypes), DINO and iBOT (and their vMF v
 from .backbones import ViTBackbone
 from .data import BlockMaskGenerator, MultiCropBatch, MultiCropTransform, SSLDataModule
 from .evaluation import knn_classify
-from .methods import DINO, IBOT, SelfDistillation
+from .memory import MemoryBank
+from .methods import DINO, IBOT, SOP, SelfDistillation
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ViTBackbone", "BlockMaskGenerator", "MultiCropBatch", "MultiCropTransform", "SSLDataModule",
-    "knn_classify", "DINO", "IBOT", "SelfDistillation", "__version__",
+    "knn_classify", "DINO", "IBOT", "SOP", "SelfDistillation", "MemoryBank", "__version__",
 ]  # fmt: skip

@@ -1,5 +1,6 @@
 """Callbacks the methods install themselves or that users add."""
 
 from .ema import EMATeacher, ema_update_
+from .memory import MemoryEnqueue
 
-__all__ = ["EMATeacher", "ema_update_"]
+__all__ = ["EMATeacher", "ema_update_", "MemoryEnqueue"]

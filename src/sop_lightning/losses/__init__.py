@@ -2,5 +2,17 @@
 
 from .common import cross_entropy
 from .dino import Center, DINOLoss, IBOTPatchLoss
+from .sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities
 
-__all__ = ["cross_entropy", "Center", "DINOLoss", "IBOTPatchLoss"]
+__all__ = [
+    "cross_entropy",
+    "Center",
+    "DINOLoss",
+    "IBOTPatchLoss",
+    "SOPs",
+    "build_sops",
+    "sop_probabilities",
+    "SOPLoss",
+    "SOPMIMLoss",
+    "koleo_loss",
+]

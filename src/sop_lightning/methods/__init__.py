@@ -3,5 +3,6 @@
 from .base import SelfDistillation
 from .dino import DINO
 from .ibot import IBOT
+from .sop import SOP
 
-__all__ = ["SelfDistillation", "DINO", "IBOT"]
+__all__ = ["SelfDistillation", "DINO", "IBOT", "SOP"]

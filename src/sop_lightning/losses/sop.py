@@ -1,0 +1,283 @@
+"""SOP objectives: Self-Organizing Visual Prototypes (ALGORITHMS.md §3, §4, §12).
+
+Pure functions :func:`build_sops` and :func:`sop_probabilities` hold the math; :class:`SOPLoss`
+([CLS]) and :class:`SOPMIMLoss` (masked patches) own their :class:`~sop_lightning.memory.MemoryBank`
+and draw rank-consistent anchors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..memory import MemoryBank
+from .common import cross_entropy, cross_view_mean, masked_image_mean
+
+__all__ = ["SOPs", "build_sops", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
+
+Contribution = Literal["soft", "onehot", "uniform"]
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class SOPs(NamedTuple):
+    """The step's SOPs. ``supports``: ``(K, k+1, d)``, index 0 the anchor, 1..k its neighbours by
+    descending cosine; ``contributions``: ``(K, k+1)`` (§3.2)."""
+
+    supports: Tensor
+    contributions: Tensor
+
+
+@torch.no_grad()
+def build_sops(
+    memory: Tensor,
+    anchor_idx: Tensor,
+    num_neighbors: int,
+    smoothing: float = 0.1,
+    contribution: Contribution = "soft",
+    clamp: bool = True,
+    chunk_size: int = 1024,
+) -> SOPs:
+    """Build ``K`` SOPs from ``memory`` ``(M, d)`` (unit rows) around the anchors ``anchor_idx`` ``(K,)``.
+
+    Neighbours are the top-``num_neighbors`` rows by cosine among the **non-anchor** rows, searched in
+    fp32 in chunks of ``chunk_size`` anchors (so 4096 × 65 536 fits in memory). Contributions (§3.2
+    step 5): ``"soft"`` anchor ``1-ε``, neighbour its cosine; ``"onehot"`` all 1; ``"uniform"`` all
+    ``1-ε``; clamped into ``[0, 1]`` when ``clamp``. No gradient flows into the memory.
+    """
+    if memory.ndim != 2:
+        raise ValueError(f"memory must be (M, d), got {tuple(memory.shape)}")
+    M, K = memory.shape[0], anchor_idx.numel()
+    if K < 2:
+        raise ValueError(f"the number of anchors K must be >= 2, got {K}")
+    if K > M:
+        raise ValueError(f"the number of anchors K={K} exceeds the memory size {M}")
+    if not 0 <= num_neighbors <= M - K:
+        raise ValueError(
+            f"num_neighbors={num_neighbors} must be in [0, memory size - anchors = {M - K}] (k >= bank size)"
+        )
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if contribution not in ("soft", "onehot", "uniform"):
+        raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
+    with torch.autocast(device_type=memory.device.type, enabled=False):
+        memory = memory.detach().to(torch.promote_types(memory.dtype, torch.float32))
+        anchors = memory[anchor_idx]
+        if num_neighbors == 0:
+            supports = anchors.unsqueeze(1)
+            scores = anchors.new_zeros(K, 0)
+        else:
+            is_anchor = torch.zeros(M, dtype=torch.bool, device=memory.device)
+            is_anchor[anchor_idx] = True
+            scores_list, idx_list = [], []
+            for start in range(0, K, chunk_size):
+                sims = anchors[start : start + chunk_size] @ memory.T
+                sims.masked_fill_(is_anchor, float("-inf"))
+                s, i = sims.topk(num_neighbors, dim=1)
+                scores_list.append(s)
+                idx_list.append(i)
+            scores, idx = torch.cat(scores_list), torch.cat(idx_list)
+            supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
+        if contribution == "soft":
+            contributions = torch.cat([scores.new_full((K, 1), 1.0 - smoothing), scores], dim=1)
+        elif contribution == "onehot":
+            contributions = scores.new_ones(K, num_neighbors + 1)
+        else:
+            contributions = scores.new_full((K, num_neighbors + 1), 1.0 - smoothing)
+        if clamp:
+            contributions = contributions.clamp(0.0, 1.0)
+    return SOPs(supports, contributions)
+
+
+def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
+    """``P = softmax(x · Dᵀ / τ) · Y`` of shape ``(..., K)`` for ``x`` ``(..., d)`` (§3.3).
+
+    Uses ``P_j = q_j + (R - r_j)/(K-1)`` with ``q_j = Σ_i π_(j,i) c_(j,i)``, ``r_j = Σ_i π_(j,i)(1-c_(j,i))``
+    and ``R = Σ_j r_j``, which equals ``Yᵀ π`` without building the dense ``K(k+1) × K`` matrix ``Y``.
+    Computed in fp32 even under autocast; gradients flow to ``x`` only.
+    """
+    supports, c = sops.supports.detach(), sops.contributions.detach()
+    K, S, d = supports.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, supports, c = x.to(dtype), supports.to(dtype), c.to(dtype)
+        logits = x @ supports.reshape(K * S, d).T / temperature
+        pi = F.softmax(logits, dim=-1).unflatten(-1, (K, S))
+        q = (pi * c).sum(-1)
+        r = (pi * (1.0 - c)).sum(-1)
+        return q + (r.sum(-1, keepdim=True) - r) / (K - 1)
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo regulariser (§4.4): ``-mean_i log(||x_i - x_nn(i)|| + eps)`` on re-normalised rows."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        sims = x @ x.T
+        sims.fill_diagonal_(float("-inf"))
+        nn_idx = sims.argmax(dim=1)
+    dist = (x - x[nn_idx]).norm(dim=-1)
+    return -(dist + eps).log().mean()
+
+
+def _log(p: Tensor) -> Tensor:
+    return p.clamp(min=_TINY).log()
+
+
+def _seed(*parts: int) -> int:
+    digest = hashlib.blake2b("-".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class _SOPObjective(nn.Module):
+    """Memory bank + rank-consistent anchor draws shared by the [CLS] and patch objectives."""
+
+    def __init__(
+        self,
+        memory_size: int,
+        dim: int,
+        num_anchors: int,
+        num_neighbors: int,
+        smoothing: float,
+        contribution: Contribution,
+        student_temp: float,
+        anchor_keep_fraction: float,
+        anchor_mode: Literal["random", "fixed"],
+        clamp_contributions: bool,
+        seed: int,
+        objective_id: int,
+        knn_chunk: int,
+    ):
+        super().__init__()
+        if num_anchors < 2:
+            raise ValueError(f"num_anchors (K) must be >= 2, got {num_anchors}")
+        if num_anchors > memory_size:
+            raise ValueError(f"num_anchors={num_anchors} exceeds memory_size={memory_size}")
+        if not 0 <= num_neighbors <= memory_size - num_anchors:
+            raise ValueError(
+                f"num_neighbors={num_neighbors} must be in [0, memory_size - num_anchors = {memory_size - num_anchors}]"
+            )
+        if not 0 < anchor_keep_fraction <= 1 or int(num_anchors * anchor_keep_fraction) < 2:
+            raise ValueError(
+                f"anchor_keep_fraction={anchor_keep_fraction} must be in (0, 1] and keep >= 2 of {num_anchors} anchors"
+            )
+        if anchor_mode not in ("random", "fixed"):
+            raise ValueError(f"anchor_mode must be 'random' or 'fixed', got {anchor_mode!r}")
+        if contribution not in ("soft", "onehot", "uniform"):
+            raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.memory = MemoryBank(memory_size, dim, seed=_seed(seed, objective_id, -1) % (1 << 31))
+        self.num_anchors, self.num_neighbors = num_anchors, num_neighbors
+        self.smoothing, self.contribution, self.clamp = smoothing, contribution, clamp_contributions
+        self.student_temp, self.keep = student_temp, anchor_keep_fraction
+        self.anchor_mode, self.seed, self.objective_id, self.knn_chunk = anchor_mode, seed, objective_id, knn_chunk
+        fixed = torch.randperm(memory_size, generator=torch.Generator().manual_seed(_seed(seed, objective_id)))
+        self.register_buffer("fixed_anchors", fixed[:num_anchors].clone(), persistent=True)
+
+    def anchors(self, step: int, task: int = 0) -> Tensor:
+        """Anchor indices ``(K,)``: a random draw seeded by (seed, step, task, objective) — identical on
+        every rank — or the fixed set drawn at construction (``anchor_mode="fixed"``)."""
+        if self.anchor_mode == "fixed":
+            return self.fixed_anchors
+        g = torch.Generator().manual_seed(_seed(self.seed, step, task, self.objective_id))
+        perm = torch.randperm(self.memory.size, generator=g)
+        return perm[: self.num_anchors].to(self.memory.embeddings.device)
+
+    def build(self, step: int, task: int = 0) -> SOPs:
+        sops = build_sops(
+            self.memory.embeddings, self.anchors(step, task), self.num_neighbors, self.smoothing,
+            self.contribution, self.clamp, self.knn_chunk,
+        )  # fmt: skip
+        if self.keep < 1.0:  # §3.5 code "low_energy": keep a uniformly random subset of the SOPs
+            g = torch.Generator().manual_seed(_seed(self.seed, step, task, self.objective_id, 1))
+            kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
+            kept = kept.to(sops.supports.device)
+            sops = SOPs(sops.supports[kept], sops.contributions[kept])
+        return sops
+
+
+class SOPLoss(_SOPObjective):
+    """SOP [CLS] loss (§3): all cross-view pairs, ``num_tasks`` independent anchor draws averaged.
+
+    ``forward(student (V·B, d), teacher (2B, d), teacher_temp, step)``, unit rows, view-major. Reads the
+    memory as it is (the enqueue of this step happens afterwards, §5).
+    """
+
+    def __init__(
+        self,
+        memory_size: int = 65536,
+        dim: int = 256,
+        num_anchors: int = 4096,
+        num_neighbors: int = 8,
+        smoothing: float = 0.1,
+        contribution: Contribution = "soft",
+        student_temp: float = 0.1,
+        num_tasks: int = 1,
+        anchor_keep_fraction: float = 1.0,
+        anchor_mode: Literal["random", "fixed"] = "random",
+        clamp_contributions: bool = True,
+        seed: int = 0,
+        knn_chunk: int = 1024,
+    ):
+        super().__init__(
+            memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
+            anchor_keep_fraction, anchor_mode, clamp_contributions, seed, 0, knn_chunk,
+        )  # fmt: skip
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+
+    def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float, step: int) -> Tensor:
+        batch = teacher.shape[0] // 2
+        if teacher.shape[0] % 2 or student.shape[0] % batch:
+            raise ValueError(f"teacher rows {teacher.shape[0]} must be 2·B and student rows {student.shape[0]} k·B")
+        total = student.new_zeros((), dtype=torch.float32)
+        for task in range(self.num_tasks):
+            sops = self.build(step, task)
+            log_p_s = _log(sop_probabilities(student, sops, self.student_temp))
+            with torch.no_grad():
+                p_t = sop_probabilities(teacher.detach(), sops, teacher_temp)
+            total = total + cross_view_mean(list(p_t.split(batch)), list(log_p_s.split(batch)))
+        return total / self.num_tasks
+
+
+class SOPMIMLoss(_SOPObjective):
+    """SOP-MIM (§4): same-view masked patches against local SOPs of the patch memory.
+
+    ``forward(student, teacher (2B, N, d), masks (2B, N), teacher_temp, step)``; ``student`` is dense
+    ``(2B, N, d)`` or only the masked tokens ``(M, d)`` in row-major mask order.
+    """
+
+    def __init__(
+        self,
+        memory_size: int = 8192,
+        dim: int = 256,
+        num_anchors: int = 512,
+        num_neighbors: int = 0,
+        smoothing: float = 0.1,
+        contribution: Contribution = "soft",
+        student_temp: float = 0.1,
+        anchor_mode: Literal["random", "fixed"] = "random",
+        clamp_contributions: bool = True,
+        seed: int = 0,
+        knn_chunk: int = 1024,
+    ):
+        super().__init__(
+            memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,
+            anchor_mode, clamp_contributions, seed, 1, knn_chunk,
+        )  # fmt: skip
+
+    def forward(self, student: Tensor, teacher: Tensor, masks: Tensor, teacher_temp: float, step: int) -> Tensor:
+        masks = masks.flatten(1).bool()
+        if teacher.shape[:2] != masks.shape:
+            raise ValueError(f"teacher {tuple(teacher.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
+        if student.ndim == 3:
+            student = student[masks]
+        sops = self.build(step)
+        log_p_s = _log(sop_probabilities(student, sops, self.student_temp))
+        with torch.no_grad():
+            p_t = sop_probabilities(teacher.detach()[masks], sops, teacher_temp)
+        return masked_image_mean(cross_entropy(p_t, log_p_s), masks)

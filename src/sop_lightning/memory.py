@@ -1,0 +1,67 @@
+"""``MemoryBank``: the FIFO ring buffer of teacher embeddings used by SOP (ALGORITHMS.md §5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributed import all_gather_cat, is_distributed
+
+__all__ = ["MemoryBank"]
+
+
+class MemoryBank(nn.Module):
+    """FIFO memory of ``size`` unit rows of dimension ``dim``, identical on every rank.
+
+    Buffers (persistent, so checkpoints restore them): ``embeddings`` ``(size, dim)``, initialised to
+    i.i.d. Gaussian rows L2-normalised, and ``ptr`` (the next row to write).
+
+    :meth:`enqueue` all-gathers the rows of every rank (rank-major), writes them at ``ptr`` and wraps
+    around the end, so any global batch ``≤ size`` is stored whole. :meth:`broadcast_` copies rank 0's
+    state to every rank (called once at the start of training).
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"memory size must be >= 1, got {size}")
+        if dim < 1:
+            raise ValueError(f"memory dim must be >= 1, got {dim}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("embeddings", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.size, self.dim = size, dim
+
+    def __len__(self) -> int:
+        return self.size
+
+    @torch.no_grad()
+    def enqueue(self, x: Tensor) -> None:
+        """Append the rows ``x`` ``(b, dim)`` of this rank and of every other rank (no gradient)."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"enqueue expects embeddings of shape (b, {self.dim}), got {tuple(x.shape)}")
+        world = dist.get_world_size() if is_distributed() else 1
+        if x.shape[0] * world > self.size:
+            raise ValueError(
+                f"global batch {x.shape[0]} x {world} ranks = {x.shape[0] * world} rows is larger than the "
+                f"memory size {self.size}; use a larger memory or a smaller batch"
+            )
+        rows = all_gather_cat(x.detach()).to(self.embeddings.dtype)
+        n, start = rows.shape[0], int(self.ptr)
+        first = min(n, self.size - start)
+        self.embeddings[start : start + first] = rows[:first]
+        if first < n:
+            self.embeddings[: n - first] = rows[first:]
+        self.ptr.fill_((start + n) % self.size)
+
+    @torch.no_grad()
+    def broadcast_(self, src: int = 0) -> None:
+        """Make every rank hold rank ``src``'s memory and pointer."""
+        if is_distributed():
+            dist.broadcast(self.embeddings, src)
+            dist.broadcast(self.ptr, src)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}"

@@ -1,0 +1,122 @@
+"""SOP: Self-Organizing Visual Prototypes (ALGORITHMS.md §2.1, §3–§5, §12)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..callbacks.memory import MemoryEnqueue
+from ..losses.sop import SOPLoss, SOPMIMLoss, koleo_loss
+from ..memory import MemoryBank
+from ..network import Embeddings
+from .base import SelfDistillation
+
+__all__ = ["SOP"]
+
+
+class SOP(SelfDistillation):
+    """SOP [CLS] loss + SOP-MIM on a shared L2-normalised head, no prototypes, no centering.
+
+    Args:
+        memory_size, patch_memory_size: ``N_C`` (65 536) and ``N_P`` (8192).
+        num_anchors, num_neighbors: ``K`` (4096) and ``k`` (8) of the [CLS] SOPs.
+        num_patch_anchors, num_patch_neighbors: ``K_P`` (512) and ``k_P`` (0) of the patch SOPs.
+        contribution: ``"soft"``, ``"onehot"`` or ``"uniform"``; smoothing: ``ε`` (0.1).
+        mim_weight: ``λ2``; koleo_weight: ``λ_KoLeo`` (0 = off).
+        num_tasks, anchor_keep_fraction: reference-code options (§3.5).
+        anchor_mode: ``"random"`` or ``"fixed"`` (the collapse ablation).
+        enqueue_views: teacher global view(s) whose [CLS] rows enter the memory.
+        patch_enqueue: ``"random_one"`` (any patch) or ``"random_masked_one"`` per image of view 2.
+        teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: τ_t 0.04 → 0.07 over 30 epochs,
+            per iteration, shared by both losses.
+        **kwargs: the shared training arguments of :class:`SelfDistillation`.
+    """
+
+    uses_masks = True
+    uses_patches = True
+    teacher_temp_per_iteration = True
+
+    def __init__(
+        self,
+        memory_size: int = 65536,
+        patch_memory_size: int = 8192,
+        num_anchors: int = 4096,
+        num_neighbors: int = 8,
+        num_patch_anchors: int = 512,
+        num_patch_neighbors: int = 0,
+        contribution: Literal["soft", "onehot", "uniform"] = "soft",
+        smoothing: float = 0.1,
+        mim_weight: float = 1.0,
+        koleo_weight: float = 0.0,
+        num_tasks: int = 1,
+        anchor_keep_fraction: float = 1.0,
+        anchor_mode: Literal["random", "fixed"] = "random",
+        enqueue_views: Literal["second", "first", "both"] = "second",
+        patch_enqueue: Literal["random_one", "random_masked_one"] = "random_one",
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 30,
+        **kwargs,
+    ):
+        super().__init__(
+            teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
+            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, **kwargs,
+        )  # fmt: skip
+        if mim_weight < 0 or koleo_weight < 0:
+            raise ValueError(f"mim_weight and koleo_weight must be >= 0, got {mim_weight}, {koleo_weight}")
+        if enqueue_views not in ("second", "first", "both"):
+            raise ValueError(f"enqueue_views must be 'second', 'first' or 'both', got {enqueue_views!r}")
+        if patch_enqueue not in ("random_one", "random_masked_one"):
+            raise ValueError(f"patch_enqueue must be 'random_one' or 'random_masked_one', got {patch_enqueue!r}")
+        hp, d = self.hparams, self.hparams.out_dim
+        self.sop_loss = SOPLoss(
+            memory_size, d, num_anchors, num_neighbors, smoothing, contribution, hp.student_temp, num_tasks,
+            anchor_keep_fraction, anchor_mode, seed=hp.seed,
+        )  # fmt: skip
+        self.sop_mim_loss = SOPMIMLoss(
+            patch_memory_size, d, num_patch_anchors, num_patch_neighbors, smoothing, contribution, hp.student_temp,
+            anchor_mode, seed=hp.seed,
+        )  # fmt: skip
+        self._memory_updates: list[tuple[MemoryBank, Tensor]] = []
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [*super().configure_callbacks(), MemoryEnqueue()]
+
+    def pop_memory_updates(self) -> list[tuple[MemoryBank, Tensor]]:
+        updates, self._memory_updates = self._memory_updates, []
+        return updates
+
+    def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
+        hp, step = self.hparams, self.global_step
+        batch = teacher.cls.shape[0] // 2
+        flat = masks.flatten(1)
+        cls_loss = self.sop_loss(student.cls, teacher.cls, temp, step)
+        mim_loss = self.sop_mim_loss(student.patches[flat], teacher.patches, flat, temp, step)
+        loss = cls_loss + hp.mim_weight * mim_loss
+        out = {"cls_loss": cls_loss.detach(), "mim_loss": mim_loss.detach()}
+        if hp.koleo_weight > 0:
+            koleo = sum(koleo_loss(chunk) for chunk in student.cls[: 2 * batch].split(batch)) / 2
+            loss = loss + hp.koleo_weight * koleo
+            out["koleo_loss"] = koleo.detach()
+        if self.training:
+            self._queue_memory_updates(teacher, flat, batch)
+        return {"loss": loss, **out}
+
+    @torch.no_grad()
+    def _queue_memory_updates(self, teacher: Embeddings, masks: Tensor, batch: int) -> None:
+        """§5: teacher [CLS] of the chosen view(s) and one random patch per image of global view 2."""
+        views = {"second": [1], "first": [0], "both": [0, 1]}[self.hparams.enqueue_views]
+        cls_rows = torch.cat([teacher.cls[v * batch : (v + 1) * batch] for v in views])
+        patches = teacher.patches[batch : 2 * batch]  # (B, N, d), global view 2
+        n = patches.shape[1]
+        if self.hparams.patch_enqueue == "random_masked_one":
+            # uniform over the masked positions of the image (any position when none is masked)
+            weights = masks[batch : 2 * batch].float() + (~masks[batch : 2 * batch].any(1, keepdim=True)).float()
+            pos = torch.multinomial(weights, 1).squeeze(1)
+        else:
+            pos = torch.randint(0, n, (patches.shape[0],), device=patches.device)
+        patch_rows = patches[torch.arange(patches.shape[0], device=patches.device), pos]
+        self._memory_updates = [(self.sop_loss.memory, cls_rows), (self.sop_mim_loss.memory, patch_rows)]
