@@ -3,8 +3,12 @@
 from .common import cross_entropy
 from .dino import Center, DINOLoss, IBOTPatchLoss
 from .sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities
+from .vmf import log_vmf_normalizer, vmf_bias, vmf_logits
 
 __all__ = [
+    "log_vmf_normalizer",
+    "vmf_logits",
+    "vmf_bias",
     "cross_entropy",
     "Center",
     "DINOLoss",

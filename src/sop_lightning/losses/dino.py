@@ -13,7 +13,7 @@ from .common import cross_entropy, cross_view_mean, masked_image_mean
 
 __all__ = ["Center", "DINOLoss", "IBOTPatchLoss"]
 
-Centering = Literal["logit", "prob", "none"]
+Centering = Literal["logit", "prob", "prob_subtractive", "none"]
 
 
 class Center(nn.Module):
@@ -22,6 +22,7 @@ class Center(nn.Module):
     ``mode="logit"`` (DINO, §6.1): ``P_T = softmax((l - c)/τ + b)``, ``c ←  m c + (1-m) mean(l)``.
     ``mode="prob"`` (DINO-vMF, §7.5): ``P̃ = softmax(l/τ + b)``, ``P_T ∝ P̃ / c̄``,
     ``c̄ ← m c̄ + (1-m) mean(P̃)`` (init ``1/K``, clamped ≥ 1e-12).
+    ``mode="prob_subtractive"``: ``P_T ∝ max(P̃ − c̄ + 1/K, 0)`` (the alternative reading of §7.5).
     ``mode="none"``: ``P_T = softmax(l/τ + b)``.
 
     ``l``: raw teacher logits ``(..., K)``; ``b``: optional per-prototype bias ``(K,)`` (the vMF
@@ -30,12 +31,12 @@ class Center(nn.Module):
 
     def __init__(self, dim: int, mode: Centering = "logit", momentum: float = 0.9):
         super().__init__()
-        if mode not in ("logit", "prob", "none"):
-            raise ValueError(f"centering must be 'logit', 'prob' or 'none', got {mode!r}")
+        if mode not in ("logit", "prob", "prob_subtractive", "none"):
+            raise ValueError(f"centering must be 'logit', 'prob', 'prob_subtractive' or 'none', got {mode!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {momentum}")
         self.mode, self.momentum = mode, momentum
-        init = torch.full((dim,), 1.0 / dim) if mode == "prob" else torch.zeros(dim)
+        init = torch.zeros(dim) if mode in ("logit", "none") else torch.full((dim,), 1.0 / dim)
         self.register_buffer("center", init)
 
     def _uncentred(self, logits: Tensor, temperature: float, bias: Tensor | None) -> Tensor:
@@ -49,6 +50,9 @@ class Center(nn.Module):
         a = self._uncentred(logits, temperature, bias)
         if self.mode == "prob":
             a = a - self.center.clamp(min=1e-12).log()
+        elif self.mode == "prob_subtractive":
+            p = (F.softmax(a, dim=-1) - self.center + 1.0 / self.center.numel()).clamp(min=0.0)
+            return p / p.sum(-1, keepdim=True).clamp(min=1e-12)
         return F.softmax(a, dim=-1)
 
     @torch.no_grad()
@@ -56,11 +60,11 @@ class Center(nn.Module):
         if self.mode == "none":
             return
         rows = logits.reshape(-1, logits.shape[-1]).float()
-        if self.mode == "prob":
+        if self.mode != "logit":
             rows = F.softmax(self._uncentred(rows, temperature, bias), dim=-1)
         batch = all_reduce_mean(rows.sum(0), rows.shape[0])
         self.center.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
-        if self.mode == "prob":
+        if self.mode != "logit":
             self.center.clamp_(min=1e-12)
 
 

@@ -39,7 +39,7 @@ def build_sops(
     smoothing: float = 0.1,
     contribution: Contribution = "soft",
     clamp: bool = True,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> SOPs:
     """Build ``K`` SOPs from ``memory`` ``(M, d)`` (unit rows) around the anchors ``anchor_idx`` ``(K,)``.
 
@@ -72,13 +72,13 @@ def build_sops(
         else:
             is_anchor = torch.zeros(M, dtype=torch.bool, device=memory.device)
             is_anchor[anchor_idx] = True
+            pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
+            pool_t = memory[pool_idx].T.contiguous()  # (d, M - K); one copy, no masking pass over K x M
             scores_list, idx_list = [], []
             for start in range(0, K, chunk_size):
-                sims = anchors[start : start + chunk_size] @ memory.T
-                sims.masked_fill_(is_anchor, float("-inf"))
-                s, i = sims.topk(num_neighbors, dim=1)
+                s, i = (anchors[start : start + chunk_size] @ pool_t).topk(num_neighbors, dim=1)
                 scores_list.append(s)
-                idx_list.append(i)
+                idx_list.append(pool_idx[i])
             scores, idx = torch.cat(scores_list), torch.cat(idx_list)
             supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
         if contribution == "soft":
@@ -105,10 +105,12 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, supports, c = x.to(dtype), supports.to(dtype), c.to(dtype)
         logits = x @ supports.reshape(K * S, d).T / temperature
-        pi = F.softmax(logits, dim=-1).unflatten(-1, (K, S))
-        q = (pi * c).sum(-1)
-        r = (pi * (1.0 - c)).sum(-1)
-        return q + (r.sum(-1, keepdim=True) - r) / (K - 1)
+        pi = F.softmax(logits, dim=-1)
+        # P_j = q_j + (R - r_j)/(K-1) with R = 1 - Q, r_j = s_j - q_j (s_j = Σ_i π_ji, Q = Σ_j q_j):
+        # P_j = Σ_i π_ji (K c_ji - 1)/(K-1) + (1 - Q)/(K-1) — one weighted reduction and one GEMV.
+        w = (K * c - 1.0) / (K - 1)
+        Q = pi @ c.reshape(K * S)
+        return (pi.unflatten(-1, (K, S)) * w).sum(-1) + ((1.0 - Q) / (K - 1)).unsqueeze(-1)
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -220,7 +222,7 @@ class SOPLoss(_SOPObjective):
         anchor_mode: Literal["random", "fixed"] = "random",
         clamp_contributions: bool = True,
         seed: int = 0,
-        knn_chunk: int = 1024,
+        knn_chunk: int = 256,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
@@ -263,7 +265,7 @@ class SOPMIMLoss(_SOPObjective):
         anchor_mode: Literal["random", "fixed"] = "random",
         clamp_contributions: bool = True,
         seed: int = 0,
-        knn_chunk: int = 1024,
+        knn_chunk: int = 256,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,

@@ -1,8 +1,8 @@
 """Self-supervised methods (LightningModules): a backbone, heads and objectives put together."""
 
 from .base import SelfDistillation
-from .dino import DINO
-from .ibot import IBOT
+from .dino import DINO, DINOvMF
+from .ibot import IBOT, IBOTvMF
 from .sop import SOP
 
-__all__ = ["SelfDistillation", "DINO", "IBOT", "SOP"]
+__all__ = ["SelfDistillation", "DINO", "DINOvMF", "IBOT", "IBOTvMF", "SOP"]

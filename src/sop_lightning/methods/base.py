@@ -20,6 +20,7 @@ from ..backbones import ViTBackbone
 from ..callbacks.ema import EMATeacher
 from ..data.datamodule import MultiCropBatch
 from ..heads import ProjectionHead, PrototypeLayer
+from ..losses.vmf import vmf_bias
 from ..network import Embeddings, SSLNetwork, make_teacher
 from ..schedules import cosine_at, epoch_warmup_at
 
@@ -106,6 +107,17 @@ class SelfDistillation(L.LightningModule):
         """Give the student a prototype layer (DINO / iBOT) and rebuild the teacher as its copy."""
         self.student.prototypes = PrototypeLayer(self.hparams.out_dim, num_prototypes, norm_last_layer)
         self.teacher = make_teacher(self.student)
+
+    def prototype_biases(self, teacher_temp: float) -> tuple[Tensor | None, Tensor | None]:
+        """vMF logit corrections ``log C_p(||w_k||/τ)`` of student (``τ_s``) and teacher (``τ_t``), or
+        ``(None, None)`` when the method is not in vMF mode (§7.2)."""
+        if not getattr(self, "vmf", False):
+            return None, None
+        d, method = self.hparams.out_dim, getattr(self, "vmf_approx", "approx")
+        student = vmf_bias(self.student.prototypes.norms, d, self.hparams.student_temp, method)
+        with torch.no_grad():
+            teacher = vmf_bias(self.teacher.prototypes.norms, d, teacher_temp, method)
+        return student, teacher
 
     def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
         """``{"loss": total, ...named parts}`` in fp32 from the step's embeddings (method-specific)."""

@@ -1,4 +1,4 @@
-"""iBOT (ALGORITHMS.md §6.2): DINO on [CLS] plus masked-patch self-distillation, shared head."""
+"""iBOT (ALGORITHMS.md §6.2) and iBOT-vMF (§7): DINO on [CLS] plus masked-patch self-distillation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from torch import Tensor
 from ..losses.dino import DINOLoss, IBOTPatchLoss
 from ..network import Embeddings
 from .base import SelfDistillation
+from .dino import CenteringArg
 
-__all__ = ["IBOT"]
+__all__ = ["IBOT", "IBOTvMF"]
 
 
 class IBOT(SelfDistillation):
@@ -18,12 +19,16 @@ class IBOT(SelfDistillation):
 
     Args:
         num_prototypes: ``K`` (8192, shared head).
-        norm_last_layer: freeze the prototype norms at 1 (the ViT-S recipe uses False).
-        centering: ``"logit"``, ``"prob"`` or ``"none"``; [CLS] and patches keep separate centers.
+        vmf: iBOT-vMF — the vMF correction on [CLS] and patch logits (§7.2), unnormalised prototypes,
+            probability centering by default.
+        norm_last_layer: freeze the prototype norms at 1 (default False, the ViT-S recipe).
+        centering: ``"logit"``, ``"prob"``, ``"prob_subtractive"`` or ``"none"`` (default ``"logit"``,
+            ``"prob"`` when ``vmf``); [CLS] and patches keep separate centers.
         center_momentum: 0.9.
         mim_weight: ``λ2`` of the patch loss.
         teacher_patch_temp: final teacher temperature of the patch targets (default ``teacher_temp``);
             it warms up like ``teacher_temp``.
+        vmf_approx: ``log C_p`` evaluation: ``"approx"`` (§7.3), ``"approx1"`` or ``"exact"`` (slow).
         **kwargs: the shared training arguments of :class:`SelfDistillation`.
     """
 
@@ -33,11 +38,13 @@ class IBOT(SelfDistillation):
     def __init__(
         self,
         num_prototypes: int = 8192,
+        vmf: bool = False,
         norm_last_layer: bool = False,
-        centering: Literal["logit", "prob", "none"] = "logit",
+        centering: CenteringArg | None = None,
         center_momentum: float = 0.9,
         mim_weight: float = 1.0,
         teacher_patch_temp: float | None = None,
+        vmf_approx: Literal["approx", "approx1", "exact"] = "approx",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -45,16 +52,29 @@ class IBOT(SelfDistillation):
             raise ValueError(f"mim_weight must be >= 0, got {mim_weight}")
         if teacher_patch_temp is not None and teacher_patch_temp <= 0:
             raise ValueError(f"teacher_patch_temp must be > 0, got {teacher_patch_temp}")
+        self.vmf, self.vmf_approx = vmf, vmf_approx
         self.add_prototypes(num_prototypes, norm_last_layer)
+        centering = ("prob" if vmf else "logit") if centering is None else centering
         student_temp = self.hparams.student_temp
         self.dino_loss = DINOLoss(num_prototypes, student_temp, centering, center_momentum)
         self.patch_loss = IBOTPatchLoss(num_prototypes, student_temp, centering, center_momentum)
 
     def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
         proto_s, proto_t = self.student.prototypes, self.teacher.prototypes
-        cls_loss = self.dino_loss(proto_s(student.cls), proto_t(teacher.cls), temp)
+        s_bias, t_bias = self.prototype_biases(temp)
+        cls_loss = self.dino_loss(proto_s(student.cls), proto_t(teacher.cls), temp, s_bias, t_bias)
         flat = masks.flatten(1)
         patch_temp = self.teacher_temp_at(self.global_step, self.hparams.teacher_patch_temp)
-        patch_loss = self.patch_loss(proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp)
+        t_bias = self.prototype_biases(patch_temp)[1] if patch_temp != temp else t_bias
+        patch_loss = self.patch_loss(
+            proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp, s_bias, t_bias
+        )
         loss = cls_loss + self.hparams.mim_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
+
+
+class IBOTvMF(IBOT):
+    """iBOT-vMF: :class:`IBOT` with ``vmf=True`` (unnormalised prototypes, probability centering)."""
+
+    def __init__(self, vmf: bool = True, **kwargs):
+        super().__init__(vmf=vmf, **kwargs)

@@ -1,0 +1,78 @@
+"""SOP loss machinery vs. the one matrix product it fundamentally needs (issue: SOP, item 7).
+
+At paper scale — [CLS] bank 65 536, patch bank 8192, 4096 / 512 anchors, k = 8 / 0, batch 128 with
+2 global + 10 local views, d = 256 — times in one run:
+
+* ``loss``: both SOP losses (SOPLoss + SOPMIMLoss), forward and backward to the student embeddings;
+* ``matmul``: the anchors × bank product ``(4096, 256) @ (256, 65536)`` alone, in the same dtype;
+
+and prints their ratio (target ≤ 1.3 on CPU). Usage: ``python benchmarks/sop_loss.py [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--mask-fraction", type=float, default=0.15, help="mean masked fraction of patches")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev, B, d, N, V = torch.device(args.device), args.batch, 256, 196, 12
+    cls_loss = SOPLoss(65536, d, 4096, 8).to(dev)
+    mim_loss = SOPMIMLoss(8192, d, 512, 0).to(dev)
+    student_cls = F.normalize(torch.randn(V * B, d, device=dev), dim=1).requires_grad_(True)
+    teacher_cls = F.normalize(torch.randn(2 * B, d, device=dev), dim=1)
+    masks = torch.rand(2 * B, N, device=dev) < args.mask_fraction
+    student_patches = F.normalize(torch.randn(int(masks.sum()), d, device=dev), dim=1).requires_grad_(True)
+    teacher_patches = F.normalize(torch.randn(2 * B, N, d, device=dev), dim=-1)
+    step = [0]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def loss_step():
+        step[0] += 1
+        loss = cls_loss(student_cls, teacher_cls, 0.04, step[0])
+        loss = loss + mim_loss(student_patches, teacher_patches, masks, 0.04, step[0])
+        loss.backward()
+        student_cls.grad = student_patches.grad = None
+        sync()
+
+    anchors = cls_loss.memory.embeddings[:4096].clone()
+    bank = cls_loss.memory.embeddings
+
+    def matmul():
+        anchors @ bank.T
+        sync()
+
+    t_loss, t_mm = best_of(loss_step, args.repeats), best_of(matmul, args.repeats)
+    print(f"device {dev}, threads {torch.get_num_threads()}, masked patches {int(masks.sum())}")
+    print(f"SOP losses fwd+bwd : {t_loss * 1e3:9.1f} ms")
+    print(f"anchors x bank mm  : {t_mm * 1e3:9.1f} ms")
+    print(f"ratio              : {t_loss / t_mm:9.2f}   (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
