@@ -39,7 +39,7 @@ def build_sops(
     smoothing: float = 0.1,
     contribution: Contribution = "soft",
     clamp: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int = 1024,
 ) -> SOPs:
     """Build ``K`` SOPs from ``memory`` ``(M, d)`` (unit rows) around the anchors ``anchor_idx`` ``(K,)``.
 
@@ -222,7 +222,7 @@ class SOPLoss(_SOPObjective):
         anchor_mode: Literal["random", "fixed"] = "random",
         clamp_contributions: bool = True,
         seed: int = 0,
-        knn_chunk: int = 256,
+        knn_chunk: int = 1024,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
@@ -265,7 +265,7 @@ class SOPMIMLoss(_SOPObjective):
         anchor_mode: Literal["random", "fixed"] = "random",
         clamp_contributions: bool = True,
         seed: int = 0,
-        knn_chunk: int = 256,
+        knn_chunk: int = 1024,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,
