@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-DEMO_CONFIG ?= experiments/demo/ibot.yaml
+DEMO_CONFIG ?= experiments/demo/sop.yaml
 
 .PHONY: demo test install install-dev data lint format clean
 

@@ -28,11 +28,22 @@ def _write_idx(path, array: torch.Tensor):
         f.write(header + array.to(torch.uint8).numpy().tobytes())
 
 
+def write_fake_fmnist(folder, n_train: int = 20, n_test: int = 8, seed: int = 0):
+    """A tiny Fashion-MNIST-format folder, written independently of the library. Images of class c are
+    noisy versions of a class template, so k-NN has something to find."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randint(0, 256, (10, 28, 28), generator=g).float()
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = (templates[labels] + 40 * torch.randn(n, 28, 28, generator=g)).clamp(0, 255)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
 @pytest.fixture
 def fake_fmnist(tmp_path):
-    """A tiny Fashion-MNIST-format folder (20 train / 8 test images), written independently of the library."""
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", 20), ("t10k", 8)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), generator=g))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", torch.arange(n) % 10)
-    return tmp_path
+    """20 train / 8 test images in Fashion-MNIST format (see ``write_fake_fmnist``)."""
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    return write_fake_fmnist(folder)

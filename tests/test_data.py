@@ -79,8 +79,8 @@ def test_datamodule_batches(fake_fmnist):
     assert batch.masks.shape == (2, 4, 7, 7) and batch.masks.dtype == torch.bool
     assert (batch.masks.flatten(2).sum(-1) <= int(0.3 * 49)).all() and batch.masks.any()
     train, val = dm.knn_dataloaders(batch_size=5)
-    x, y = next(iter(val))
-    assert x.shape == (5, 3, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
+    x, y, idx = next(iter(val))
+    assert x.shape == (5, 3, 28, 28) and y.tolist() == [0, 1, 2, 3, 4] and idx.tolist() == [0, 1, 2, 3, 4]
     assert sum(len(b[1]) for b in train) == 20
     no_mask = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
                             num_local=0, patch_size=4, masking=False)  # fmt: skip

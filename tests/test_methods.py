@@ -98,8 +98,8 @@ def test_parameter_groups():
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert "backbone.vit.cls_token" in decay and "backbone.vit.pos_embed" in decay
-    assert "prototypes.last_layer.parametrizations.weight.original1" in decay
-    assert "prototypes.last_layer.parametrizations.weight.original0" in no_decay
+    assert "prototypes.last_layer.weight_v" in decay
+    assert "prototypes.last_layer.weight_g" in no_decay
     assert "backbone.vit.norm.weight" in no_decay and "head.mlp.0.bias" in no_decay
     assert opt.param_groups[1]["weight_decay"] == 0
 

@@ -4,14 +4,32 @@ Methods: SOP (Self-Organizing Visual Prototypes), DINO and iBOT (and their vMF v
 """
 
 from .backbones import ViTBackbone
-from .data import BlockMaskGenerator, MultiCropBatch, MultiCropTransform, SSLDataModule
-from .evaluation import knn_classify
+from .callbacks import EMATeacher, KNNEvaluation, MemoryEnqueue
+from .data import BlockMaskGenerator, LabelledDataModule, MultiCropBatch, MultiCropTransform, SSLDataModule
+from .evaluation import LinearProbe, knn_classify
 from .memory import MemoryBank
 from .methods import DINO, IBOT, SOP, DINOvMF, IBOTvMF, SelfDistillation
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ViTBackbone", "BlockMaskGenerator", "MultiCropBatch", "MultiCropTransform", "SSLDataModule",
-    "knn_classify", "DINO", "DINOvMF", "IBOT", "IBOTvMF", "SOP", "SelfDistillation", "MemoryBank", "__version__",
-]  # fmt: skip
+    "ViTBackbone",
+    "EMATeacher",
+    "KNNEvaluation",
+    "MemoryEnqueue",
+    "BlockMaskGenerator",
+    "MultiCropBatch",
+    "MultiCropTransform",
+    "SSLDataModule",
+    "LabelledDataModule",
+    "LinearProbe",
+    "knn_classify",
+    "MemoryBank",
+    "DINO",
+    "DINOvMF",
+    "IBOT",
+    "IBOTvMF",
+    "SOP",
+    "SelfDistillation",
+    "__version__",
+]

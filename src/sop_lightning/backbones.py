@@ -118,6 +118,21 @@ class ViTBackbone(nn.Module):
         t = vit.blocks(t)
         return vit.norm(t)
 
+    def last_blocks(self, x: Tensor, n: int = 1) -> list[Tensor]:
+        """Tokens ``(B, prefix + N, D)`` after each of the last ``n`` blocks, each through the final norm
+        (linear-probe features, §11.2)."""
+        depth = len(self.vit.blocks)
+        if not 1 <= n <= depth:
+            raise ValueError(f"n must be in [1, depth={depth}], got {n}")
+        vit = self.vit
+        t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        outs = []
+        for i, block in enumerate(vit.blocks):
+            t = block(t)
+            if i >= depth - n:
+                outs.append(vit.norm(t))
+        return outs
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> BackboneOutput:
         t = self.tokens(x, mask)
         return BackboneOutput(t[:, 0], t[:, self.num_prefix_tokens :])

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_mean", "all_gather_cat"]
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_mean", "all_gather_cat", "all_gather_varsize"]
 
 
 def is_distributed() -> bool:
@@ -40,3 +40,20 @@ def all_gather_cat(x: Tensor) -> Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.detach().contiguous())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def all_gather_varsize(x: Tensor) -> Tensor:
+    """Concatenate ``x`` ``(n_r, ...)`` from all ranks, rank-major, where ``n_r`` may differ per rank."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x.detach()
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes_int = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes_int), *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:n] for o, n in zip(out, sizes_int)])

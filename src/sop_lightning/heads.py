@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = ["ProjectionHead", "PrototypeLayer"]
 
@@ -43,6 +42,28 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
 
 
+class _WeightNormLinear(nn.Module):
+    """``Linear(d, K, bias=False)`` with rows ``w_k = g_k v_k / ||v_k||``; parameters ``weight_g``
+    ``(K, 1)`` and ``weight_v`` ``(K, d)`` (the names of DINO's checkpoints).
+
+    Written out rather than with ``torch.nn.utils.parametrizations.weight_norm`` because parametrized
+    modules cannot be pickled, which ``ddp_spawn`` and notebook launchers need.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default Linear init
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(v.norm(dim=1, keepdim=True).clone())
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return F.linear(y, self.weight.to(y.dtype))
+
+
 class PrototypeLayer(nn.Module):
     """Weight-normalised ``Linear(d, K, bias=False)``: rows ``w_k = g_k v_k / ||v_k||`` (§6.1, §8.4).
 
@@ -56,11 +77,10 @@ class PrototypeLayer(nn.Module):
         super().__init__()
         if num_prototypes < 1:
             raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
-        self.last_layer = weight_norm(nn.Linear(in_dim, num_prototypes, bias=False))
-        gain = self.last_layer.parametrizations.weight.original0
+        self.last_layer = _WeightNormLinear(in_dim, num_prototypes)
         with torch.no_grad():
-            gain.fill_(1.0)
-        gain.requires_grad_(not norm_last_layer)
+            self.last_layer.weight_g.fill_(1.0)
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
         self.norm_last_layer = norm_last_layer
         self.num_prototypes = num_prototypes
 
@@ -72,7 +92,7 @@ class PrototypeLayer(nn.Module):
     @property
     def norms(self) -> Tensor:
         """Prototype norms ``||w_k|| = |g_k|``, shape ``(K,)``."""
-        return self.last_layer.parametrizations.weight.original0.abs().flatten()
+        return self.last_layer.weight_g.abs().flatten()
 
     def forward(self, y: Tensor) -> Tensor:
-        return F.linear(y, self.weight.to(y.dtype))
+        return self.last_layer(y)

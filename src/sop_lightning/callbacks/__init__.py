@@ -1,6 +1,7 @@
 """Callbacks the methods install themselves or that users add."""
 
 from .ema import EMATeacher, ema_update_
+from .knn import KNNEvaluation
 from .memory import MemoryEnqueue
 
-__all__ = ["EMATeacher", "ema_update_", "MemoryEnqueue"]
+__all__ = ["EMATeacher", "ema_update_", "MemoryEnqueue", "KNNEvaluation"]

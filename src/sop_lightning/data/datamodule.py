@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .datasets import ImageFolderDataset, TransformedDataset
+from .datasets import ImageFolderDataset, IndexedDataset, TransformedDataset
 from .demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .masking import BlockMaskGenerator, MaskRatioSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, eval_transform
 
-__all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataModule"]
+__all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataModule", "LabelledDataModule"]
 
 
 @dataclass
@@ -58,10 +58,14 @@ def collate_multicrop(samples: list) -> MultiCropBatch:
     return MultiCropBatch(views, masks, _labels([s[2] for s in samples]))
 
 
-def collate_labelled(samples: list) -> tuple[Tensor, Tensor]:
-    """``[(image, label), ...]`` → ``(images (B,3,H,W), labels (B,))`` (-1 where unknown)."""
+def collate_labelled(samples: list) -> tuple[Tensor, ...]:
+    """``[(image, label[, index]), ...]`` → ``(images (B,3,H,W), labels (B,)[, indices (B,)])``, label -1
+    where unknown."""
     labels = [-1 if s[1] is None else s[1] for s in samples]
-    return torch.stack([s[0] for s in samples]), torch.as_tensor(labels, dtype=torch.long)
+    out = (torch.stack([s[0] for s in samples]), torch.as_tensor(labels, dtype=torch.long))
+    if len(samples[0]) > 2:
+        out += (torch.as_tensor([s[2] for s in samples], dtype=torch.long),)
+    return out
 
 
 class _MaskSampler:
@@ -200,6 +204,87 @@ class SSLDataModule(L.LightningDataModule):
         return TransformedDataset(train, self.eval_transform), TransformedDataset(val, self.eval_transform)
 
     def knn_dataloaders(self, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
-        """Loaders of :meth:`knn_datasets`, yielding ``(images, labels)``."""
+        """Loaders of :meth:`knn_datasets`, yielding ``(images, labels, indices)``."""
         bs = batch_size or max(self.batch_size, 256)
-        return tuple(self._loader(d, collate_labelled, False, False, bs) for d in self.knn_datasets())  # type: ignore[return-value]
+        loaders = [self._loader(IndexedDataset(d), collate_labelled, False, False, bs) for d in self.knn_datasets()]
+        return loaders[0], loaders[1]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[k-NN train split, k-NN val split]`` under the eval transform (for ``KNNEvaluation``), or
+        ``[]`` when no labelled validation split is configured."""
+        if self.dataset != "fashion_mnist" and self.knn_val_dataset is None:
+            return []
+        return list(self.knn_dataloaders())
+
+
+class LabelledDataModule(L.LightningDataModule):
+    """Supervised data for the linear probe (§11.2): ``RandomResizedCrop`` + flip for training, the eval
+    transform for validation; batches ``(images, labels)``.
+
+    Args:
+        dataset: ``"fashion_mnist"``, a labelled image folder, or a ``Dataset`` of ``(image, label)``.
+        val_dataset: the validation split (default for ``"fashion_mnist"``: its test split).
+        global_size: crop size (named like :class:`SSLDataModule`'s so the CLI links it to the model);
+        patch_size: the model's patch size (linked likewise).
+        train_scale: ``RandomResizedCrop`` scale.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Dataset = "fashion_mnist",
+        val_dataset: str | Dataset | None = None,
+        root: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 2,
+        global_size: int = 224,
+        patch_size: int = 16,
+        train_scale: tuple[float, float] = (0.08, 1.0),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        eval_resize_ratio: float = 256 / 224,
+        train_subset: int | None = None,
+    ):
+        super().__init__()
+        from torchvision.transforms import InterpolationMode, v2
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if global_size % patch_size:
+            raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
+        self.dataset, self.val_dataset, self.root = dataset, val_dataset, root or DEFAULT_FASHION_MNIST_ROOT
+        self.batch_size, self.num_workers, self.train_subset = batch_size, num_workers, train_subset
+        self.global_size, self.patch_size = global_size, patch_size
+        self.train_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RGB(),
+                v2.RandomResizedCrop(global_size, scale=train_scale, interpolation=InterpolationMode.BICUBIC),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
+        self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
+
+    def _resolve(self, source: str | Dataset, split: Literal["train", "test"]) -> Dataset:
+        if isinstance(source, str):
+            return FashionMNIST(self.root, split) if source == "fashion_mnist" else ImageFolderDataset(source)
+        return source
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False, num_workers=self.num_workers,
+            collate_fn=collate_labelled, pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        train = self._resolve(self.dataset, "train")
+        if self.train_subset is not None:
+            train = Subset(train, range(min(self.train_subset, len(train))))
+        return self._loader(TransformedDataset(train, self.train_transform), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        source = self.val_dataset or ("fashion_mnist" if self.dataset == "fashion_mnist" else None)
+        if source is None:
+            raise ValueError("val_dataset is None: the linear probe needs a labelled validation split")
+        return self._loader(TransformedDataset(self._resolve(source, "test"), self.eval_transform), shuffle=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["ImageFolderDataset", "TransformedDataset", "IMG_EXTENSIONS"]
+__all__ = ["ImageFolderDataset", "TransformedDataset", "IndexedDataset", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -67,3 +67,18 @@ class TransformedDataset(Dataset):
         if self.extra is None:
             return out, label
         return out, self.extra(), label
+
+
+class IndexedDataset(Dataset):
+    """``(image, label)`` → ``(image, label, index)`` (k-NN evaluation removes the distributed sampler's
+    padding duplicates through the index)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index

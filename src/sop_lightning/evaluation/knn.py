@@ -98,9 +98,10 @@ def knn_classify(
 def extract_features(
     embed: Callable[[Tensor], Tensor], loader: Iterable, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
-    """Run ``embed`` over ``(images, labels)`` batches; returns ``(features (N, D), labels (N,))`` on CPU."""
+    """Run ``embed`` over ``(images, labels[, indices])`` batches; returns ``(features (N, D), labels (N,))``
+    on CPU."""
     feats, labels = [], []
-    for images, y in loader:
+    for images, y, *_ in loader:
         feats.append(embed(images.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

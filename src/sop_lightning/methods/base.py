@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backbones import ViTBackbone
 from ..callbacks.ema import EMATeacher
+from ..callbacks.knn import KNNEvaluation
 from ..data.datamodule import MultiCropBatch
 from ..heads import ProjectionHead, PrototypeLayer
 from ..losses.vmf import vmf_bias
@@ -176,7 +177,18 @@ class SelfDistillation(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        return [EMATeacher()]
+        callbacks: list[L.Callback] = [EMATeacher()]
+        # k-NN monitoring at validation, unless the user configured their own KNNEvaluation
+        trainer = self._trainer
+        if trainer is None or not any(isinstance(cb, KNNEvaluation) for cb in trainer.callbacks):
+            callbacks.append(KNNEvaluation())
+        return callbacks
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Teacher features of the labelled k-NN splits (dataloader 0 = train, 1 = val), collected by
+        :class:`~sop_lightning.callbacks.KNNEvaluation`."""
+        images, labels, indices = batch
+        return {"features": self.embed(images), "labels": labels, "indices": indices}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -184,7 +196,7 @@ class SelfDistillation(L.LightningModule):
             if not p.requires_grad:
                 continue
             # §8.5: biases, 1-D tensors and weight-norm gains (shape (K, 1)) are not decayed.
-            if name.endswith(".bias") or p.ndim <= 1 or name.endswith("original0"):
+            if name.endswith(".bias") or p.ndim <= 1 or name.endswith("weight_g"):
                 no_decay.append(p)
             else:
                 decay.append(p)

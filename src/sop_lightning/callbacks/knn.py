@@ -1,0 +1,88 @@
+"""``KNNEvaluation``: weighted k-NN of fresh teacher features at validation (ALGORITHMS.md §11.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from ..distributed import all_gather_varsize
+from ..evaluation.knn import knn_classify
+
+__all__ = ["KNNEvaluation"]
+
+
+class KNNEvaluation(L.Callback):
+    """At validation, the method's ``validation_step`` embeds the labelled k-NN splits (dataloader 0 =
+    train, 1 = val, items ``(image, label, index)``) with the teacher; this callback collects the
+    features, gathers them from every rank (uneven shards allowed, the distributed sampler's padding
+    removed through the sample indices), runs the weighted vote for each ``k`` and logs
+    ``val/knn_top1`` and ``val/knn_top5`` (first ``k``) and ``val/knn_top{1,5}_k{k}`` for every ``k``.
+
+    Args:
+        k: neighbour counts (20 and 200, DINO protocol).
+        temperature: vote temperature ``T`` (0.07).
+        backend: ``knn_classify`` backend.
+    """
+
+    def __init__(self, k: list[int] | tuple[int, ...] = (20, 200), temperature: float = 0.07, backend: str = "auto"):
+        if not k or min(k) < 1:
+            raise ValueError(f"k must be a non-empty list of positive integers, got {k!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.k, self.temperature, self.backend = list(k), temperature, backend
+        self._store: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._store = {}
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "features" not in outputs:
+            return
+        self._store.setdefault(dataloader_idx, []).append(
+            (outputs["features"].detach().float(), outputs["labels"].detach(), outputs["indices"].detach())
+        )
+
+    def _collect(self, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        parts = self._store.get(dataloader_idx, [])
+        feats = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, 1)
+        labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        index = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        feats, labels, index = all_gather_varsize(feats), all_gather_varsize(labels), all_gather_varsize(index)
+        # the distributed sampler pads shards by repeating samples: keep one copy per index, in index order
+        order = torch.argsort(index, stable=True)
+        index, feats, labels = index[order], feats[order], labels[order]
+        keep = torch.ones_like(index, dtype=torch.bool)
+        keep[1:] = index[1:] != index[:-1]
+        return feats[keep], labels[keep]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or 0 not in self._store and 1 not in self._store:
+            self._store = {}
+            return
+        train_x, train_y = self._collect(0)
+        test_x, test_y = self._collect(1)
+        self._store = {}
+        if len(train_y) == 0 or len(test_y) == 0:
+            return
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        metrics: dict[str, float] = {}
+        for i, k in enumerate(self.k):
+            scores = knn_classify(train_x, train_y, test_x, k, self.temperature, num_classes, self.backend)
+            test = test_y.to(scores.device)
+            top1 = multiclass_accuracy(scores, test, num_classes, top_k=1, average="micro").item() * 100
+            top5 = multiclass_accuracy(scores, test, num_classes, top_k=min(5, num_classes), average="micro").item()
+            metrics[f"val/knn_top1_k{k}"], metrics[f"val/knn_top5_k{k}"] = top1, top5 * 100
+            if i == 0:
+                metrics["val/knn_top1"], metrics["val/knn_top5"] = top1, top5 * 100
+        self.last_metrics = metrics
+        # every rank computed the same values from the gathered features: no further sync needed
+        for name, value in metrics.items():
+            pl_module.log(name, value, prog_bar=name == "val/knn_top1", sync_dist=False, rank_zero_only=False)

@@ -1,0 +1,111 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+
+from sop_lightning import DINO, SOP, LabelledDataModule, LinearProbe, SSLDataModule
+from sop_lightning.cli import main
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TINY = dict(backbone="vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+            hidden_dim=32, out_dim=16)  # fmt: skip
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_export_round_trip(tmp_path):
+    model = DINO(num_prototypes=8, **TINY)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # teacher differs from student: export must take the teacher
+    kwargs = model.export_backbone(tmp_path / "backbone.pth")
+    vit = timm.create_model(**kwargs)
+    vit.load_state_dict(torch.load(tmp_path / "backbone.pth"), strict=True)
+    x = torch.randn(2, 3, 28, 28)
+    vit.eval()
+    torch.testing.assert_close(vit.forward_features(x), model.teacher_backbone().tokens(x))
+    torch.testing.assert_close(vit(x), model.teacher_backbone()(x).cls)  # num_classes=0: pooled [CLS]
+
+
+def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp_path):
+    config = ROOT / "experiments" / "demo" / "sop.yaml"
+    common = [
+        "--config", str(config), "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "4", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    small = ["--model.init_args.memory_size", "64", "--model.init_args.patch_memory_size", "32",
+             "--model.init_args.num_anchors", "8", "--model.init_args.num_patch_anchors", "4",
+             "--model.init_args.depth", "1", "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2",
+             "--model.init_args.hidden_dim", "32"]  # fmt: skip
+    fit = main(["fit", *common, *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
+    fit_top1 = float(fit.trainer.callback_metrics["val/knn_top1"])
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    val = main(["validate", *common, *small, "--ckpt_path", str(ckpt)])
+    assert float(val.trainer.callback_metrics["val/knn_top1"]) == pytest.approx(fit_top1)
+    assert 0 <= fit_top1 <= 100 and "val/knn_top5_k200" in val.trainer.callback_metrics
+    out = tmp_path / "exported.pth"
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(out)])
+    state = torch.load(out)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=4, embed_dim=32, depth=1,
+                            num_heads=2)  # fmt: skip
+    vit.load_state_dict(state, strict=True)
+    torch.testing.assert_close(state["pos_embed"], fit.model.teacher.backbone.vit.pos_embed.detach())
+
+
+def test_linear_probe_loads_checkpoints_and_trains(fake_fmnist, tmp_path):
+    sop = SOP(memory_size=64, patch_memory_size=32, num_anchors=8, num_patch_anchors=4, **TINY)
+    path = tmp_path / "bb.pth"
+    sop.export_backbone(path)
+    arch = {k: TINY[k] for k in ("backbone", "img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    probe = LinearProbe(checkpoint=str(path), num_classes=10, n_last_blocks=2, **arch)
+    for name, p in probe.backbone.vit.state_dict().items():
+        assert torch.equal(p, sop.teacher.backbone.vit.state_dict()[name])
+    assert probe.classifier.in_features == 2 * 32
+    assert probe.features(torch.randn(3, 3, 28, 28)).shape == (3, 64)
+    before = {n: p.clone() for n, p in probe.backbone.named_parameters()}
+    data = LabelledDataModule(root=str(fake_fmnist), batch_size=5, num_workers=0, global_size=28, patch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(probe, data)
+    assert all(torch.equal(before[n], p) for n, p in probe.backbone.named_parameters())
+    assert "val/linear_top1" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="is not a file"):
+        LinearProbe(checkpoint=str(tmp_path / "missing.ckpt"), num_classes=10, **arch)
+
+
+def test_knn_on_fake_data_beats_chance(fake_fmnist):
+    # the fake classes are noisy templates: even a random teacher separates them far above 10 %
+    model = DINO(num_prototypes=8, **TINY)
+    data = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
+                         num_local=1, patch_size=4, eval_resize_ratio=1.0)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(model, data, verbose=False)[0]
+    assert metrics["val/knn_top1"] > 50
+
+
+@pytest.mark.ddp
+def test_knn_gathers_uneven_shards_across_two_ranks(tmp_path):
+    env = {**os.environ, "RAW_PORT": _free_port(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_knn_worker.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = torch.tensor([0.0, 1, 2, 100, 101, 102, 103, 104]).view(-1, 1)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"gather_{rank}.pt"), expected)
+    single = json.loads((tmp_path / "knn_1_0.json").read_text())
+    r0 = json.loads((tmp_path / "knn_2_0.json").read_text())
+    r1 = json.loads((tmp_path / "knn_2_1.json").read_text())
+    assert single and single == r0 == r1
