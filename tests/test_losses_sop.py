@@ -178,3 +178,18 @@ def test_errors():
         SOPLoss(memory_size=10, dim=4, num_anchors=11, num_neighbors=0)
     with pytest.raises(ValueError, match="num_neighbors=10"):
         SOPLoss(memory_size=10, dim=4, num_anchors=2, num_neighbors=10)
+
+
+def test_probability_gradient_matches_dense_reference():
+    memory = _unit(40, 6, seed=21)
+    sops = build_sops(memory, torch.tensor([1, 7, 19, 30]), 2, contribution="soft")
+    Y = _dense_y(sops.contributions.double())
+    D = sops.supports.reshape(-1, 6).double()
+    x = _unit(5, 6, seed=22).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weights = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (sop_probabilities(x, sops, 0.2).double().log() * weights).sum().backward()
+    ((torch.softmax(x_ref @ D.T / 0.2, -1) @ Y).log() * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-7, rtol=1e-6)
+    # batched leading dimensions keep their shape
+    assert sop_probabilities(_unit(2, 3, 6, seed=4), sops, 0.2).shape == (2, 3, 4)

@@ -4,7 +4,7 @@ Methods: SOP (Self-Organizing Visual Prototypes), DINO and iBOT (and their vMF v
 """
 
 from .backbones import ViTBackbone
-from .callbacks import EMATeacher, KNNEvaluation, MemoryEnqueue
+from .callbacks import Diagnostics, EMATeacher, KNNEvaluation, MemoryEnqueue
 from .data import BlockMaskGenerator, LabelledDataModule, MultiCropBatch, MultiCropTransform, SSLDataModule
 from .evaluation import LinearProbe, knn_classify
 from .memory import MemoryBank
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ViTBackbone",
+    "Diagnostics",
     "EMATeacher",
     "KNNEvaluation",
     "MemoryEnqueue",

@@ -32,6 +32,9 @@ class MemoryBank(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("embeddings", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # enqueue counter and, per row, the counter value when it was written (-1: initial random row)
+        self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
+        self.register_buffer("written_at", torch.full((size,), -1, dtype=torch.long))
         self.size, self.dim = size, dim
 
     def __len__(self) -> int:
@@ -52,16 +55,23 @@ class MemoryBank(nn.Module):
         n, start = rows.shape[0], int(self.ptr)
         first = min(n, self.size - start)
         self.embeddings[start : start + first] = rows[:first]
+        self.written_at[start : start + first] = self.num_enqueued
         if first < n:
             self.embeddings[: n - first] = rows[first:]
+            self.written_at[: n - first] = self.num_enqueued
         self.ptr.fill_((start + n) % self.size)
+        self.num_enqueued.add_(1)
+
+    def age(self) -> Tensor:
+        """Per-row age in enqueue calls (steps); initial random rows count from before the first call."""
+        return self.num_enqueued - self.written_at - 1
 
     @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
         """Make every rank hold rank ``src``'s memory and pointer."""
         if is_distributed():
-            dist.broadcast(self.embeddings, src)
-            dist.broadcast(self.ptr, src)
+            for buffer in (self.embeddings, self.ptr, self.num_enqueued, self.written_at):
+                dist.broadcast(buffer, src)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

@@ -1,7 +1,8 @@
 """Callbacks the methods install themselves or that users add."""
 
+from .diagnostics import Diagnostics
 from .ema import EMATeacher, ema_update_
 from .knn import KNNEvaluation
 from .memory import MemoryEnqueue
 
-__all__ = ["EMATeacher", "ema_update_", "MemoryEnqueue", "KNNEvaluation"]
+__all__ = ["Diagnostics", "EMATeacher", "ema_update_", "MemoryEnqueue", "KNNEvaluation"]

@@ -92,7 +92,7 @@ class SSLDataModule(L.LightningDataModule):
         knn_train_dataset, knn_val_dataset: labelled splits for k-NN evaluation (same forms as
             ``dataset``). For ``"fashion_mnist"`` they default to its train and test splits; for a
             labelled folder, ``knn_train_dataset`` defaults to that folder.
-        knn_train_subset: keep only the first n k-NN training images (quick monitoring).
+        knn_train_subset, knn_val_subset: keep only the first n images of a k-NN split (quick monitoring).
         batch_size: images per rank and step.
         global_size, local_size, num_local, global_scale, local_scale, blur_sigma: multi-crop (§9.1).
         patch_size: ViT patch size; with ``global_size`` it fixes the mask grid (linked to the model).
@@ -109,6 +109,7 @@ class SSLDataModule(L.LightningDataModule):
         knn_train_dataset: str | Dataset | None = None,
         knn_val_dataset: str | Dataset | None = None,
         knn_train_subset: int | None = None,
+        knn_val_subset: int | None = None,
         batch_size: int = 64,
         num_workers: int = 2,
         global_size: int = 224,
@@ -136,8 +137,9 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
         if local_size % patch_size:
             raise ValueError(f"local_size={local_size} must be divisible by patch_size={patch_size}")
-        if knn_train_subset is not None and knn_train_subset < 1:
-            raise ValueError(f"knn_train_subset must be >= 1 or None, got {knn_train_subset}")
+        for name, value in (("knn_train_subset", knn_train_subset), ("knn_val_subset", knn_val_subset)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.dataset, self.root = dataset, root or DEFAULT_FASHION_MNIST_ROOT
         self.knn_train_dataset, self.knn_val_dataset = knn_train_dataset, knn_val_dataset
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -201,6 +203,8 @@ class SSLDataModule(L.LightningDataModule):
             val = self._resolve(self.knn_val_dataset)
         if self.hparams.knn_train_subset is not None:
             train = Subset(train, range(min(self.hparams.knn_train_subset, len(train))))
+        if self.hparams.knn_val_subset is not None:
+            val = Subset(val, range(min(self.hparams.knn_val_subset, len(val))))
         return TransformedDataset(train, self.eval_transform), TransformedDataset(val, self.eval_transform)
 
     def knn_dataloaders(self, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:

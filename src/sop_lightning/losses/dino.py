@@ -11,9 +11,19 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_mean
 from .common import cross_entropy, cross_view_mean, masked_image_mean
 
-__all__ = ["Center", "DINOLoss", "IBOTPatchLoss"]
+__all__ = ["Center", "DINOLoss", "IBOTPatchLoss", "teacher_stats"]
 
 Centering = Literal["logit", "prob", "prob_subtractive", "none"]
+
+
+@torch.no_grad()
+def teacher_stats(p_t: Tensor) -> dict[str, Tensor]:
+    """Collapse diagnostics of teacher targets ``(n, K)``: their mean distribution ``(K,)`` and mean
+    entropy, and the fraction of columns that are some row's argmax."""
+    p = p_t.reshape(-1, p_t.shape[-1]).float()
+    entropy = -torch.where(p > 0, p * p.clamp(min=1e-30).log(), torch.zeros_like(p)).sum(-1).mean()
+    used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).mean()
+    return {"mean_probs": p.mean(0), "entropy": entropy, "argmax_fraction": used}
 
 
 class Center(nn.Module):
@@ -107,6 +117,7 @@ class DINOLoss(nn.Module):
         loss = cross_view_mean(list(p_t.split(batch)), list(log_p_s.split(batch)))
         if self.training:
             self.center.update(t, teacher_temp, teacher_bias)
+            self.stats = teacher_stats(p_t)
         return loss
 
 
@@ -155,4 +166,6 @@ class IBOTPatchLoss(nn.Module):
         loss = masked_image_mean(cross_entropy(p_t, log_p_s), masks)
         if self.training:
             self.center.update(t, teacher_temp, teacher_bias)
+            if p_t.shape[0]:
+                self.stats = teacher_stats(p_t)
         return loss

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..memory import MemoryBank
 from .common import cross_entropy, cross_view_mean, masked_image_mean
+from .dino import teacher_stats
 
 __all__ = ["SOPs", "build_sops", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
 
@@ -92,25 +93,60 @@ def build_sops(
     return SOPs(supports, contributions)
 
 
+class _SOPProbabilities(torch.autograd.Function):
+    """Fused ``P = softmax(x Dᵀ/τ) · Y`` with a hand-written backward (one saved ``N × K(k+1)`` buffer).
+
+    With ``w_ji = (K c_ji − 1)/(K − 1)`` and ``Q = Σ_ji π_ji c_ji``:
+    ``P_j = Σ_i π_ji w_ji + (1 − Q)/(K − 1)``; backward:
+    ``∂L/∂π_ji = dP_j w_ji − g c_ji`` (``g = Σ_j dP_j /(K−1)``),
+    ``Σ π ∂L/∂π = Σ_j dP_j (P_j − (1−Q)/(K−1)) − g Q``, ``dx = (π ⊙ (∂L/∂π − Σ π ∂L/∂π))/τ · D``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, supports: Tensor, c: Tensor, inv_tau: float) -> Tensor:  # type: ignore[override]
+        K, S = c.shape
+        pi = x @ supports.T  # (N, K·S), turned into the softmax in place
+        pi.mul_(inv_tau)
+        pi.sub_(pi.amax(-1, keepdim=True)).exp_()
+        pi.div_(pi.sum(-1, keepdim=True))
+        w = (K * c - 1.0) / (K - 1)
+        q_total = pi @ c.reshape(K * S)  # (N,)
+        p = (pi.view(-1, K, S) * w).sum(-1).add_(((1.0 - q_total) / (K - 1)).unsqueeze(-1))
+        ctx.save_for_backward(pi, supports, c, w, p, q_total)
+        ctx.inv_tau = inv_tau
+        return p
+
+    @staticmethod
+    def backward(ctx, dp: Tensor):  # type: ignore[override]
+        pi, supports, c, w, p, q_total = ctx.saved_tensors
+        K, S = c.shape
+        g = dp.sum(-1, keepdim=True) / (K - 1)  # (N, 1)
+        beta = (dp * (p - ((1.0 - q_total) / (K - 1)).unsqueeze(-1))).sum(-1, keepdim=True) - g * q_total.unsqueeze(-1)
+        grad = dp.unsqueeze(-1) * w  # (N, K, S)
+        grad.addcmul_(g.unsqueeze(-1), c, value=-1.0).sub_(beta.unsqueeze(-1))
+        grad = grad.view_as(pi).mul_(pi).mul_(ctx.inv_tau)
+        return grad @ supports, None, None, None
+
+
 def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
     """``P = softmax(x · Dᵀ / τ) · Y`` of shape ``(..., K)`` for ``x`` ``(..., d)`` (§3.3).
 
-    Uses ``P_j = q_j + (R - r_j)/(K-1)`` with ``q_j = Σ_i π_(j,i) c_(j,i)``, ``r_j = Σ_i π_(j,i)(1-c_(j,i))``
-    and ``R = Σ_j r_j``, which equals ``Yᵀ π`` without building the dense ``K(k+1) × K`` matrix ``Y``.
-    Computed in fp32 even under autocast; gradients flow to ``x`` only.
+    Uses ``P_j = q_j + (R − r_j)/(K−1)`` with ``q_j = Σ_i π_(j,i) c_(j,i)``, ``r_j = Σ_i π_(j,i)(1−c_(j,i))``
+    and ``R = Σ_j r_j``, which equals ``Yᵀ π`` without building the dense ``K(k+1) × K`` matrix ``Y``; the
+    softmax, the reduction and their backward are fused (one saved buffer). Computed in fp32 (or the
+    input's wider dtype) even under autocast; gradients flow to ``x`` only.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     supports, c = sops.supports.detach(), sops.contributions.detach()
     K, S, d = supports.shape
+    if K < 2:
+        raise ValueError(f"the number of SOPs K must be >= 2, got {K}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x, supports, c = x.to(dtype), supports.to(dtype), c.to(dtype)
-        logits = x @ supports.reshape(K * S, d).T / temperature
-        pi = F.softmax(logits, dim=-1)
-        # P_j = q_j + (R - r_j)/(K-1) with R = 1 - Q, r_j = s_j - q_j (s_j = Σ_i π_ji, Q = Σ_j q_j):
-        # P_j = Σ_i π_ji (K c_ji - 1)/(K-1) + (1 - Q)/(K-1) — one weighted reduction and one GEMV.
-        w = (K * c - 1.0) / (K - 1)
-        Q = pi @ c.reshape(K * S)
-        return (pi.unflatten(-1, (K, S)) * w).sum(-1) + ((1.0 - Q) / (K - 1)).unsqueeze(-1)
+        flat = x.to(dtype).reshape(-1, d)
+        p = _SOPProbabilities.apply(flat, supports.to(dtype).reshape(K * S, d), c.to(dtype), 1.0 / temperature)
+        return p.view(*x.shape[:-1], K)
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -243,6 +279,8 @@ class SOPLoss(_SOPObjective):
             with torch.no_grad():
                 p_t = sop_probabilities(teacher.detach(), sops, teacher_temp)
             total = total + cross_view_mean(list(p_t.split(batch)), list(log_p_s.split(batch)))
+        if self.training:
+            self.stats = teacher_stats(p_t)  # of the last task: anchors change every step
         return total / self.num_tasks
 
 
@@ -282,4 +320,6 @@ class SOPMIMLoss(_SOPObjective):
         log_p_s = _log(sop_probabilities(student, sops, self.student_temp))
         with torch.no_grad():
             p_t = sop_probabilities(teacher.detach()[masks], sops, teacher_temp)
+        if self.training and p_t.shape[0]:
+            self.stats = teacher_stats(p_t)
         return masked_image_mean(cross_entropy(p_t, log_p_s), masks)

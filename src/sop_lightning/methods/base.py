@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import ViTBackbone
+from ..callbacks.diagnostics import Diagnostics
 from ..callbacks.ema import EMATeacher
 from ..callbacks.knn import KNNEvaluation
 from ..data.datamodule import MultiCropBatch
@@ -178,10 +179,11 @@ class SelfDistillation(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def configure_callbacks(self) -> list[L.Callback]:
         callbacks: list[L.Callback] = [EMATeacher()]
-        # k-NN monitoring at validation, unless the user configured their own KNNEvaluation
+        # k-NN monitoring and collapse diagnostics, unless the user configured their own
         trainer = self._trainer
-        if trainer is None or not any(isinstance(cb, KNNEvaluation) for cb in trainer.callbacks):
-            callbacks.append(KNNEvaluation())
+        for kind in (KNNEvaluation, Diagnostics):
+            if trainer is None or not any(isinstance(cb, kind) for cb in trainer.callbacks):
+                callbacks.append(kind())
         return callbacks
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> dict:

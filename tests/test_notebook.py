@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+requires_fmnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="dataset-fashion-mnist not installed (make test installs it)",
+)
+
+
+@requires_fmnist
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOP_NOTEBOOK_STEPS", "3")
+    monkeypatch.setenv("SOP_NOTEBOOK_KNN_TRAIN", "500")
+    monkeypatch.setenv("SOP_NOTEBOOK_KNN_VAL", "200")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "top-1" in outputs and "->" in outputs
+    assert os.path.isdir(tmp_path / "runs" / "notebook")
+
+
+def test_notebook_is_valid_json():
+    nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+    pytest.importorskip("ipykernel")
