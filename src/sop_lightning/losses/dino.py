@@ -78,13 +78,8 @@ class Center(nn.Module):
             self.center.clamp_(min=1e-12)
 
 
-class DINOLoss(nn.Module):
-    """DINO [CLS] loss over all cross-view pairs (§6.1), in fp32.
-
-    ``forward(student_logits (V·B, K), teacher_logits (2B, K), teacher_temp)`` with view-major rows;
-    ``student_bias`` / ``teacher_bias`` ``(K,)`` are added after the temperature (vMF, §7.2). The center
-    is updated after the loss while the module is in training mode.
-    """
+class _CenteredDistillation(nn.Module):
+    """Student temperature, teacher center and the student log-probabilities shared by both losses."""
 
     def __init__(
         self,
@@ -98,6 +93,19 @@ class DINOLoss(nn.Module):
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
         self.student_temp = student_temp
         self.center = Center(num_prototypes, centering, center_momentum)
+
+    def student_log_probs(self, logits: Tensor, bias: Tensor | None) -> Tensor:
+        a = logits.float() / self.student_temp
+        return F.log_softmax(a if bias is None else a + bias.float(), dim=-1)
+
+
+class DINOLoss(_CenteredDistillation):
+    """DINO [CLS] loss over all cross-view pairs (§6.1), in fp32.
+
+    ``forward(student_logits (V·B, K), teacher_logits (2B, K), teacher_temp)`` with view-major rows;
+    ``student_bias`` / ``teacher_bias`` ``(K,)`` are added after the temperature (vMF, §7.2). The center
+    is updated after the loss while the module is in training mode.
+    """
 
     def forward(
         self,
@@ -107,12 +115,13 @@ class DINOLoss(nn.Module):
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
     ) -> Tensor:
-        s, t = student_logits.float(), teacher_logits.detach().float()
+        t = teacher_logits.detach().float()
         batch = t.shape[0] // 2
-        if t.shape[0] % 2 or s.shape[0] % batch:
-            raise ValueError(f"teacher rows {t.shape[0]} must be 2·B and student rows {s.shape[0]} a multiple of B")
-        a = s / self.student_temp
-        log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
+        if t.shape[0] % 2 or student_logits.shape[0] % batch:
+            raise ValueError(
+                f"teacher rows {t.shape[0]} must be 2·B and student rows {student_logits.shape[0]} a multiple of B"
+            )
+        log_p_s = self.student_log_probs(student_logits, student_bias)
         p_t = self.center.teacher_probs(t, teacher_temp, teacher_bias)
         loss = cross_view_mean(list(p_t.split(batch)), list(log_p_s.split(batch)))
         if self.training:
@@ -121,26 +130,13 @@ class DINOLoss(nn.Module):
         return loss
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(_CenteredDistillation):
     """iBOT masked-patch loss (§6.2): same-view pairs, masked positions only, with its own center.
 
     ``forward(student_logits, teacher_logits (2B, N, K), masks (2B, N), teacher_temp)``; the student
     logits are either dense ``(2B, N, K)`` or only the masked tokens ``(M, K)`` in row-major mask order
     (cheaper). The patch center averages the teacher logits of **all** patches.
     """
-
-    def __init__(
-        self,
-        num_prototypes: int,
-        student_temp: float = 0.1,
-        centering: Centering = "logit",
-        center_momentum: float = 0.9,
-    ):
-        super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = student_temp
-        self.center = Center(num_prototypes, centering, center_momentum)
 
     def forward(
         self,
@@ -155,13 +151,10 @@ class IBOTPatchLoss(nn.Module):
         t = teacher_logits.detach().float()
         if t.shape[:2] != masks.shape:
             raise ValueError(f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
-        s = student_logits.float()
-        if s.ndim == 3:
-            s = s[masks]
+        s = student_logits[masks] if student_logits.ndim == 3 else student_logits
         if s.shape[0] != int(masks.sum()):
             raise ValueError(f"student_logits has {s.shape[0]} rows but masks select {int(masks.sum())} tokens")
-        a = s / self.student_temp
-        log_p_s = F.log_softmax(a if student_bias is None else a + student_bias.float(), dim=-1)
+        log_p_s = self.student_log_probs(s, student_bias)
         p_t = self.center.teacher_probs(t[masks], teacher_temp, teacher_bias)
         loss = masked_image_mean(cross_entropy(p_t, log_p_s), masks)
         if self.training:
