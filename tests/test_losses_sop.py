@@ -193,3 +193,16 @@ def test_probability_gradient_matches_dense_reference():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-7, rtol=1e-6)
     # batched leading dimensions keep their shape
     assert sop_probabilities(_unit(2, 3, 6, seed=4), sops, 0.2).shape == (2, 3, 4)
+
+
+def test_per_rank_anchors_differ_between_ranks(monkeypatch):
+    import sop_lightning.losses.sop as sop_module
+
+    shared = SOPLoss(memory_size=100, dim=4, num_anchors=10, num_neighbors=2)
+    per_rank = SOPLoss(memory_size=100, dim=4, num_anchors=10, num_neighbors=2, per_rank_anchors=True)
+    draws = {}
+    for r in (0, 1):
+        monkeypatch.setattr(sop_module, "current_rank", lambda r=r: r)
+        draws[r] = (shared.anchors(3), per_rank.anchors(3))
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert not torch.equal(draws[0][1], draws[1][1])

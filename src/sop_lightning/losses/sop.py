@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import rank as current_rank
 from ..memory import MemoryBank
 from .common import cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
@@ -187,6 +188,7 @@ class _SOPObjective(nn.Module):
         seed: int,
         objective_id: int,
         knn_chunk: int,
+        per_rank_anchors: bool = False,
     ):
         super().__init__()
         if num_anchors < 2:
@@ -212,15 +214,18 @@ class _SOPObjective(nn.Module):
         self.smoothing, self.contribution, self.clamp = smoothing, contribution, clamp_contributions
         self.student_temp, self.keep = student_temp, anchor_keep_fraction
         self.anchor_mode, self.seed, self.objective_id, self.knn_chunk = anchor_mode, seed, objective_id, knn_chunk
+        self.per_rank_anchors = per_rank_anchors
         fixed = torch.randperm(memory_size, generator=torch.Generator().manual_seed(_seed(seed, objective_id)))
         self.register_buffer("fixed_anchors", fixed[:num_anchors].clone(), persistent=True)
 
     def anchors(self, step: int, task: int = 0) -> Tensor:
         """Anchor indices ``(K,)``: a random draw seeded by (seed, step, task, objective) — identical on
-        every rank — or the fixed set drawn at construction (``anchor_mode="fixed"``)."""
+        every rank, or per rank with ``per_rank_anchors`` (§5) — or the fixed set drawn at construction
+        (``anchor_mode="fixed"``)."""
         if self.anchor_mode == "fixed":
             return self.fixed_anchors
-        g = torch.Generator().manual_seed(_seed(self.seed, step, task, self.objective_id))
+        parts = (self.seed, step, task, self.objective_id) + ((current_rank(),) if self.per_rank_anchors else ())
+        g = torch.Generator().manual_seed(_seed(*parts))
         perm = torch.randperm(self.memory.size, generator=g)
         return perm[: self.num_anchors].to(self.memory.embeddings.device)
 
@@ -259,10 +264,11 @@ class SOPLoss(_SOPObjective):
         clamp_contributions: bool = True,
         seed: int = 0,
         knn_chunk: int = 1024,
+        per_rank_anchors: bool = False,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
-            anchor_keep_fraction, anchor_mode, clamp_contributions, seed, 0, knn_chunk,
+            anchor_keep_fraction, anchor_mode, clamp_contributions, seed, 0, knn_chunk, per_rank_anchors,
         )  # fmt: skip
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -304,10 +310,11 @@ class SOPMIMLoss(_SOPObjective):
         clamp_contributions: bool = True,
         seed: int = 0,
         knn_chunk: int = 1024,
+        per_rank_anchors: bool = False,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,
-            anchor_mode, clamp_contributions, seed, 1, knn_chunk,
+            anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors,
         )  # fmt: skip
 
     def forward(self, student: Tensor, teacher: Tensor, masks: Tensor, teacher_temp: float, step: int) -> Tensor:

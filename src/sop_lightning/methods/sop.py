@@ -28,6 +28,7 @@ class SOP(SelfDistillation):
         mim_weight: ``λ2``; koleo_weight: ``λ_KoLeo`` (0 = off).
         num_tasks, anchor_keep_fraction: reference-code options (§3.5).
         anchor_mode: ``"random"`` or ``"fixed"`` (the collapse ablation).
+        per_rank_anchors: draw different anchors on each rank (default: the same SOPs on every rank).
         enqueue_views: teacher global view(s) whose [CLS] rows enter the memory.
         patch_enqueue: ``"random_one"`` (any patch) or ``"random_masked_one"`` per image of view 2.
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: τ_t 0.04 → 0.07 over 30 epochs,
@@ -54,6 +55,7 @@ class SOP(SelfDistillation):
         num_tasks: int = 1,
         anchor_keep_fraction: float = 1.0,
         anchor_mode: Literal["random", "fixed"] = "random",
+        per_rank_anchors: bool = False,
         enqueue_views: Literal["second", "first", "both"] = "second",
         patch_enqueue: Literal["random_one", "random_masked_one"] = "random_one",
         teacher_temp: float = 0.07,
@@ -74,11 +76,11 @@ class SOP(SelfDistillation):
         hp, d = self.hparams, self.hparams.out_dim
         self.sop_loss = SOPLoss(
             memory_size, d, num_anchors, num_neighbors, smoothing, contribution, hp.student_temp, num_tasks,
-            anchor_keep_fraction, anchor_mode, seed=hp.seed,
+            anchor_keep_fraction, anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors,
         )  # fmt: skip
         self.sop_mim_loss = SOPMIMLoss(
             patch_memory_size, d, num_patch_anchors, num_patch_neighbors, smoothing, contribution, hp.student_temp,
-            anchor_mode, seed=hp.seed,
+            anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors,
         )  # fmt: skip
         self._memory_updates: list[tuple[MemoryBank, Tensor]] = []
 
