@@ -96,3 +96,46 @@ def test_datamodule_errors(tmp_path):
         dm.setup("fit")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         SSLDataModule(root=str(tmp_path)).setup("fit")
+
+
+def test_any_torchvision_style_dataset():
+    from torchvision.datasets import FakeData
+
+    train = FakeData(size=12, image_size=(3, 32, 32), num_classes=3, random_offset=0)
+    val = FakeData(size=5, image_size=(3, 32, 32), num_classes=3, random_offset=100)
+    dm = SSLDataModule(dataset=train, knn_val_dataset=val, batch_size=4, num_workers=0, global_size=32,
+                       local_size=16, num_local=2, patch_size=8)  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.views[0].shape == (4, 3, 32, 32) and batch.masks.shape == (2, 4, 4, 4)
+    assert batch.labels is not None and batch.labels.shape == (4,)
+    knn_train, knn_val = dm.val_dataloader()
+    assert sum(len(b[1]) for b in knn_train) == 12 and sum(len(b[1]) for b in knn_val) == 5
+
+
+def test_dataset_from_cli_class_path(tmp_path):
+    from sop_lightning.cli import main
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        """
+model:
+  class_path: sop_lightning.DINO
+  init_args: {backbone: vit_tiny_patch16_224, embed_dim: 32, depth: 1, num_heads: 2, hidden_dim: 32,
+              num_prototypes: 8}
+data:
+  class_path: sop_lightning.SSLDataModule
+  init_args:
+    dataset: {class_path: torchvision.datasets.FakeData, init_args: {size: 8, image_size: [3, 32, 32]}}
+    knn_val_dataset: {class_path: torchvision.datasets.FakeData, init_args: {size: 4, image_size: [3, 32, 32]}}
+    batch_size: 4
+    num_workers: 0
+    global_size: 32
+    local_size: 16
+    num_local: 1
+    patch_size: 8
+    masking: false
+"""
+    )
+    cli = main(["--config", str(config), "--trainer.max_steps", "1", "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    assert len(cli.datamodule.dataset) == 8 and cli.model.hparams.img_size == 32
