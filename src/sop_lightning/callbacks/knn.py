@@ -22,6 +22,9 @@ class KNNEvaluation(L.Callback):
     removed through the sample indices), runs the weighted vote for each ``k`` and logs
     ``val/knn_top1`` and ``val/knn_top5`` (first ``k``) and ``val/knn_top{1,5}_k{k}`` for every ``k``.
 
+    It runs at every validation, so ``Trainer(check_val_every_n_epoch=n)`` sets how often; the datamodule's
+    ``knn_train_subset`` / ``knn_val_subset`` bound its cost for quick monitoring.
+
     Args:
         k: neighbour counts (20 and 200, DINO protocol).
         temperature: vote temperature ``T`` (0.07).

@@ -31,10 +31,23 @@ def _topk_torch(train: Tensor, test: Tensor, k: int, max_elements: int) -> tuple
     return torch.cat(sims), torch.cat(idx)
 
 
+def faiss_gpu_available() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def _topk_faiss(train: Tensor, test: Tensor, k: int) -> tuple[Tensor, Tensor]:
     import faiss
 
-    index = faiss.IndexFlatIP(train.shape[1])
+    if test.device.type == "cuda" and faiss_gpu_available():  # faiss-gpu: exact inner-product index on the GPU
+        config = faiss.GpuIndexFlatConfig()
+        config.device = test.device.index or 0
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), train.shape[1], config)
+    else:
+        index = faiss.IndexFlatIP(train.shape[1])
     index.add(train.detach().cpu().float().contiguous().numpy())
     sims, idx = index.search(test.detach().cpu().float().contiguous().numpy(), k)
     return torch.from_numpy(sims).to(test.device), torch.from_numpy(idx).to(test.device)
@@ -59,7 +72,8 @@ def knn_classify(
     Args:
         train_features: ``(Ntr, D)``; train_labels: ``(Ntr,)`` in ``[0, C)``; test_features: ``(Nte, D)``.
         k: neighbours (capped at ``Ntr``); temperature: ``T``; num_classes: ``C`` (default ``max label + 1``).
-        backend: ``"torch"`` (chunked matmul + top-k), ``"faiss"`` (IndexFlatIP) or ``"auto"``.
+        backend: ``"torch"`` (chunked matmul + top-k), ``"faiss"`` (IndexFlatIP; GpuIndexFlatIP for CUDA
+            features when faiss-gpu is installed) or ``"auto"`` (faiss where it applies, else torch).
         max_elements: bound on a similarity block of the torch backend (memory).
     """
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
@@ -83,7 +97,11 @@ def knn_classify(
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     k = min(k, train.shape[0])
-    use_faiss = backend == "faiss" or (backend == "auto" and faiss_available() and test.device.type == "cpu")
+    # auto: faiss on CPU features, faiss-gpu on CUDA features when installed, else the chunked torch search
+    on_cpu = test.device.type == "cpu"
+    use_faiss = backend == "faiss" or (
+        backend == "auto" and faiss_available() and (on_cpu or (test.device.type == "cuda" and faiss_gpu_available()))
+    )
     if use_faiss:
         sims, idx = _topk_faiss(train, test, k)
     else:
