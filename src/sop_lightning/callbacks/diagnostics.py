@@ -38,12 +38,13 @@ class Diagnostics(L.Callback):
             stats = getattr(module, "stats", None)
             if not isinstance(stats, dict) or not stats:
                 continue
+            # accumulate on the device: no host synchronisation per step
             acc = self._sums.setdefault(name, {"n": 0, "entropy": 0.0, "argmax": 0.0, "eff": 0.0, "probs": None})
             p = stats["mean_probs"].detach()
             acc["n"] += 1
-            acc["entropy"] += float(stats["entropy"])
-            acc["argmax"] += float(stats["argmax_fraction"])
-            acc["eff"] += _effective(p)
+            acc["entropy"] = acc["entropy"] + stats["entropy"].detach()
+            acc["argmax"] = acc["argmax"] + stats["argmax_fraction"].detach()
+            acc["eff"] = acc["eff"] + _entropy(p).exp()
             acc["probs"] = p.clone() if acc["probs"] is None or acc["probs"].shape != p.shape else acc["probs"] + p
             module.stats = {}
 
@@ -54,9 +55,9 @@ class Diagnostics(L.Callback):
             if acc["n"] == 0:
                 continue
             n = acc["n"]
-            metrics[f"diag/{name}/teacher_entropy"] = acc["entropy"] / n
-            metrics[f"diag/{name}/argmax_fraction"] = acc["argmax"] / n
-            eff = acc["eff"] / n if anchors_change else _effective(acc["probs"] / n)
+            metrics[f"diag/{name}/teacher_entropy"] = float(acc["entropy"]) / n
+            metrics[f"diag/{name}/argmax_fraction"] = float(acc["argmax"]) / n
+            eff = float(acc["eff"]) / n if anchors_change else _effective(acc["probs"] / n)
             metrics[f"diag/{name}/effective_prototypes"] = eff
         prototypes = getattr(getattr(pl_module, "student", None), "prototypes", None)
         if prototypes is not None:
@@ -83,9 +84,13 @@ class Diagnostics(L.Callback):
                 experiment.add_histogram(tag, values.cpu(), global_step=trainer.global_step)
 
 
-def _effective(p: Tensor) -> float:
-    """``exp(H(p))`` of a distribution ``(K,)``."""
+def _entropy(p: Tensor) -> Tensor:
+    """``H(p)`` (nats) of a distribution ``(K,)``, renormalised; a 0-d tensor on ``p``'s device."""
     p = p.float().clamp(min=0)
     p = p / p.sum().clamp(min=1e-30)
-    h = -(torch.where(p > 0, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum()
-    return float(math.exp(float(h)))
+    return -(torch.where(p > 0, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum()
+
+
+def _effective(p: Tensor) -> float:
+    """``exp(H(p))`` of a distribution ``(K,)``."""
+    return float(math.exp(float(_entropy(p))))

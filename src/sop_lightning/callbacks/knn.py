@@ -53,11 +53,12 @@ class KNNEvaluation(L.Callback):
             (outputs["features"].detach().float(), outputs["labels"].detach(), outputs["indices"].detach())
         )
 
-    def _collect(self, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def _collect(self, dataloader_idx: int, device: torch.device, dim: int) -> tuple[Tensor, Tensor]:
         parts = self._store.get(dataloader_idx, [])
-        feats = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, 1)
-        labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
-        index = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        # a rank without batches still joins the collectives, with empty tensors on the right device
+        feats = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dim, device=device)
+        labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=device)
+        index = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=device)
         feats, labels, index = all_gather_varsize(feats), all_gather_varsize(labels), all_gather_varsize(index)
         # the distributed sampler pads shards by repeating samples: keep one copy per index, in index order
         order = torch.argsort(index, stable=True)
@@ -70,8 +71,9 @@ class KNNEvaluation(L.Callback):
         if trainer.sanity_checking or 0 not in self._store and 1 not in self._store:
             self._store = {}
             return
-        train_x, train_y = self._collect(0)
-        test_x, test_y = self._collect(1)
+        dim = next(iter(self._store.values()))[0][0].shape[1] if self._store else 1
+        train_x, train_y = self._collect(0, pl_module.device, dim)
+        test_x, test_y = self._collect(1, pl_module.device, dim)
         self._store = {}
         if len(train_y) == 0 or len(test_y) == 0:
             return
