@@ -141,3 +141,21 @@ def test_bad_arguments():
         DINO(base_lr=0, **TINY)
     with pytest.raises(ValueError, match="mim_weight"):
         IBOT(mim_weight=-1, **TINY)
+
+
+@pytest.mark.parametrize("cls", [SOP, IBOT])
+def test_bf16_mixed_step_keeps_losses_fp32(cls, fake_fmnist, monkeypatch):
+    model = cls(**SOP_SMALL, **TINY) if cls is SOP else cls(num_prototypes=32, **TINY)
+    seen = []
+    original = model.compute_losses
+
+    def spy(student, teacher, masks, temp):
+        seen.append((student.cls.dtype, torch.is_autocast_enabled("cpu")))
+        out = original(student, teacher, masks, temp)
+        seen.append((out["loss"].dtype, None))
+        return out
+
+    monkeypatch.setattr(model, "compute_losses", spy)
+    _trainer(precision="bf16-mixed", limit_train_batches=2, limit_val_batches=0).fit(model, _data(fake_fmnist))
+    assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+    assert all(autocast is False for _, autocast in seen[::2])
