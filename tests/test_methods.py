@@ -159,3 +159,23 @@ def test_bf16_mixed_step_keeps_losses_fp32(cls, fake_fmnist, monkeypatch):
     _trainer(precision="bf16-mixed", limit_train_batches=2, limit_val_batches=0).fit(model, _data(fake_fmnist))
     assert seen and all(dtype == torch.float32 for dtype, _ in seen)
     assert all(autocast is False for _, autocast in seen[::2])
+
+
+def test_pred_start_epoch_empties_masks_and_memory_fill_zeroes_sop_loss(fake_fmnist, monkeypatch):
+    model = SOP(pred_start_epoch=1, memory_fill_steps=5, **SOP_SMALL, **TINY)
+    seen = []
+    original = model.compute_losses
+
+    def spy(student, teacher, masks, temp):
+        out = original(student, teacher, masks, temp)
+        seen.append((bool(masks.any()), float(out["loss"]), float(out["cls_loss"])))
+        return out
+
+    monkeypatch.setattr(model, "compute_losses", spy)
+    _trainer(limit_train_batches=2, limit_val_batches=0).fit(model, _data(fake_fmnist))
+    assert len(seen) == 2
+    assert all(not any_mask for any_mask, _, _ in seen)  # epoch 0 < pred_start_epoch
+    assert all(loss == 0.0 and cls > 0 for _, loss, cls in seen)  # steps 0, 1 < memory_fill_steps
+    assert int(model.sop_loss.memory.ptr) == 8  # the banks still filled
+    with pytest.raises(ValueError, match="pred_start_epoch"):
+        DINO(pred_start_epoch=-1, **TINY)

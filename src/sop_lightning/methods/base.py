@@ -44,6 +44,8 @@ class SelfDistillation(L.LightningModule):
         clip_grad: per-tensor gradient-norm clip (0 = off, §2 step 8).
         freeze_last_layer: epochs during which the prototype layer gets no update.
         drop_path_rate: student stochastic depth.
+        pred_start_epoch: masked-image modelling starts at this epoch (masks are emptied before, §9.3);
+            no effect on methods without masks.
         seed: seeds the rank-consistent random draws of the objectives.
     """
 
@@ -77,6 +79,7 @@ class SelfDistillation(L.LightningModule):
         clip_grad: float = 3.0,
         freeze_last_layer: int = 1,
         drop_path_rate: float = 0.1,
+        pred_start_epoch: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -84,6 +87,8 @@ class SelfDistillation(L.LightningModule):
         _check_positive(base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim)
         _check_range("momentum_teacher", momentum_teacher, 0.0, 1.0)
         _check_range("drop_path_rate", drop_path_rate, 0.0, 1.0)
+        if pred_start_epoch < 0:
+            raise ValueError(f"pred_start_epoch must be >= 0, got {pred_start_epoch}")
         if clip_grad < 0 or warmup_epochs < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
             raise ValueError(
                 "clip_grad, warmup_epochs, freeze_last_layer and warmup_teacher_temp_epochs must be >= 0, got "
@@ -220,6 +225,8 @@ class SelfDistillation(L.LightningModule):
 
         views = batch.views
         masks = batch.masks.flatten(0, 1) if self.uses_masks else None  # (2B, H', W')
+        if masks is not None and self.current_epoch < self.hparams.pred_start_epoch:
+            masks = torch.zeros_like(masks)
         with torch.no_grad():
             teacher = self.teacher(views[:2], return_patches=self.uses_patches)
         student = self.student(views, masks=masks, return_patches=self.uses_patches)

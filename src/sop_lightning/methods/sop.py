@@ -26,6 +26,7 @@ class SOP(SelfDistillation):
         num_patch_anchors, num_patch_neighbors: ``K_P`` (512) and ``k_P`` (0) of the patch SOPs.
         contribution: ``"soft"``, ``"onehot"`` or ``"uniform"``; smoothing: ``ε`` (0.1).
         mim_weight: ``λ2``; koleo_weight: ``λ_KoLeo`` (0 = off).
+        memory_fill_steps: for the first steps only fill the banks (the SOP losses are multiplied by 0, §5).
         num_tasks, anchor_keep_fraction: reference-code options (§3.5).
         anchor_mode: ``"random"`` or ``"fixed"`` (the collapse ablation).
         per_rank_anchors: draw different anchors on each rank (default: the same SOPs on every rank).
@@ -52,6 +53,7 @@ class SOP(SelfDistillation):
         smoothing: float = 0.1,
         mim_weight: float = 1.0,
         koleo_weight: float = 0.0,
+        memory_fill_steps: int = 0,
         num_tasks: int = 1,
         anchor_keep_fraction: float = 1.0,
         anchor_mode: Literal["random", "fixed"] = "random",
@@ -67,6 +69,8 @@ class SOP(SelfDistillation):
             teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
             warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, **kwargs,
         )  # fmt: skip
+        if memory_fill_steps < 0:
+            raise ValueError(f"memory_fill_steps must be >= 0, got {memory_fill_steps}")
         if mim_weight < 0 or koleo_weight < 0:
             raise ValueError(f"mim_weight and koleo_weight must be >= 0, got {mim_weight}, {koleo_weight}")
         if enqueue_views not in ("second", "first", "both"):
@@ -98,6 +102,8 @@ class SOP(SelfDistillation):
         cls_loss = self.sop_loss(student.cls, teacher.cls, temp, step)
         mim_loss = self.sop_mim_loss(student.patches[flat], teacher.patches, flat, temp, step)
         loss = cls_loss + hp.mim_weight * mim_loss
+        if step < hp.memory_fill_steps:  # the banks still hold mostly random rows: no learning signal yet
+            loss = loss * 0.0
         out = {"cls_loss": cls_loss.detach(), "mim_loss": mim_loss.detach()}
         if hp.koleo_weight > 0:
             koleo = sum(koleo_loss(chunk) for chunk in student.cls[: 2 * batch].split(batch)) / 2
