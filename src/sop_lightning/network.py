@@ -28,7 +28,8 @@ class SSLNetwork(nn.Module):
 
     ``forward(views, masks, return_patches)``: the first ``num_global`` views (same size) run in one
     backbone call with ``masks`` (bool ``(num_global·B, H', W')``), the other views in one call per
-    resolution, unmasked (§2 step 4). The head runs once on all [CLS] tokens.
+    resolution, unmasked (§2 step 4). The head runs once, on all [CLS] tokens (and the global views'
+    patch tokens when ``return_patches``).
     """
 
     def __init__(self, backbone: ViTBackbone, head: ProjectionHead, prototypes: PrototypeLayer | None = None):
@@ -50,9 +51,7 @@ class SSLNetwork(nn.Module):
                 groups.append([v])
         cls_tokens, patches = [], None
         for i, group in enumerate(groups):
-            if not group:
-                continue
-            out = self.backbone(group[0] if len(group) == 1 else _cat(group), masks if i == 0 else None)
+            out = self.backbone(_cat(group), masks if i == 0 else None)
             cls_tokens.append(out.cls)
             if i == 0 and return_patches:
                 patches = out.patches
