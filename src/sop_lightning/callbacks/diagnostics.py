@@ -7,9 +7,9 @@ import math
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
+from ..losses.common import cross_entropy
 from ..memory import MemoryBank
 
 __all__ = ["Diagnostics"]
@@ -88,7 +88,7 @@ def _entropy(p: Tensor) -> Tensor:
     """``H(p)`` (nats) of a distribution ``(K,)``, renormalised; a 0-d tensor on ``p``'s device."""
     p = p.float().clamp(min=0)
     p = p / p.sum().clamp(min=1e-30)
-    return -(torch.where(p > 0, p * p.clamp(min=1e-30).log(), torch.zeros_like(p))).sum()
+    return cross_entropy(p, p.clamp(min=1e-30).log())
 
 
 def _effective(p: Tensor) -> float:

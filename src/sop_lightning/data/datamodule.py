@@ -51,6 +51,14 @@ def _labels(labels: Sequence[int | None]) -> Tensor | None:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
+def resolve_dataset(source: str | Dataset, root: str, split: Literal["train", "test"] = "train") -> Dataset:
+    """``"fashion_mnist"`` → the demo split under ``root``; another string → an image folder; a ``Dataset``
+    is returned as it is."""
+    if isinstance(source, str):
+        return FashionMNIST(root, split) if source == "fashion_mnist" else ImageFolderDataset(source)
+    return source
+
+
 def collate_multicrop(samples: list) -> MultiCropBatch:
     """``[(views, masks (2,H',W'), label), ...]`` → :class:`MultiCropBatch` (view-major)."""
     views = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
@@ -161,16 +169,9 @@ class SSLDataModule(L.LightningDataModule):
         """Patch grid side ``H' = global_size / patch_size`` of the global views."""
         return self.global_size // self.patch_size
 
-    def _resolve(self, source: str | Dataset, split: Literal["train", "test"] = "train") -> Dataset:
-        if isinstance(source, str):
-            if source == "fashion_mnist":
-                return FashionMNIST(self.root, split)
-            return ImageFolderDataset(source)
-        return source
-
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
-            self._train = self._resolve(self.dataset)
+            self._train = resolve_dataset(self.dataset, self.root)
 
     def _loader(self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -194,13 +195,13 @@ class SSLDataModule(L.LightningDataModule):
     def knn_datasets(self) -> tuple[Dataset, Dataset]:
         """Labelled ``(train, val)`` splits under the eval transform (§11.1)."""
         if self.dataset == "fashion_mnist":
-            train = self._resolve(self.knn_train_dataset or "fashion_mnist", "train")
-            val = self._resolve(self.knn_val_dataset or "fashion_mnist", "test")
+            train = resolve_dataset(self.knn_train_dataset or "fashion_mnist", self.root, "train")
+            val = resolve_dataset(self.knn_val_dataset or "fashion_mnist", self.root, "test")
         else:
             if self.knn_val_dataset is None:
                 raise ValueError("knn_val_dataset is None: k-NN evaluation needs a labelled validation split")
-            train = self._resolve(self.knn_train_dataset or self.dataset)
-            val = self._resolve(self.knn_val_dataset)
+            train = resolve_dataset(self.knn_train_dataset or self.dataset, self.root)
+            val = resolve_dataset(self.knn_val_dataset, self.root)
         if self.hparams.knn_train_subset is not None:
             train = Subset(train, range(min(self.hparams.knn_train_subset, len(train))))
         if self.hparams.knn_val_subset is not None:
@@ -270,11 +271,6 @@ class LabelledDataModule(L.LightningDataModule):
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
 
-    def _resolve(self, source: str | Dataset, split: Literal["train", "test"]) -> Dataset:
-        if isinstance(source, str):
-            return FashionMNIST(self.root, split) if source == "fashion_mnist" else ImageFolderDataset(source)
-        return source
-
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False, num_workers=self.num_workers,
@@ -282,7 +278,7 @@ class LabelledDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        train = self._resolve(self.dataset, "train")
+        train = resolve_dataset(self.dataset, self.root, "train")
         if self.train_subset is not None:
             train = Subset(train, range(min(self.train_subset, len(train))))
         return self._loader(TransformedDataset(train, self.train_transform), shuffle=True)
@@ -291,4 +287,6 @@ class LabelledDataModule(L.LightningDataModule):
         source = self.val_dataset or ("fashion_mnist" if self.dataset == "fashion_mnist" else None)
         if source is None:
             raise ValueError("val_dataset is None: the linear probe needs a labelled validation split")
-        return self._loader(TransformedDataset(self._resolve(source, "test"), self.eval_transform), shuffle=False)
+        return self._loader(
+            TransformedDataset(resolve_dataset(source, self.root, "test"), self.eval_transform), shuffle=False
+        )

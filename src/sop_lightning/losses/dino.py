@@ -21,7 +21,7 @@ def teacher_stats(p_t: Tensor) -> dict[str, Tensor]:
     """Collapse diagnostics of teacher targets ``(n, K)``: their mean distribution ``(K,)`` and mean
     entropy, and the fraction of columns that are some row's argmax."""
     p = p_t.reshape(-1, p_t.shape[-1]).float()
-    entropy = -torch.where(p > 0, p * p.clamp(min=1e-30).log(), torch.zeros_like(p)).sum(-1).mean()
+    entropy = cross_entropy(p, p.clamp(min=1e-30).log()).mean()
     used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).mean()
     return {"mean_probs": p.mean(0), "entropy": entropy, "argmax_fraction": used}
 
