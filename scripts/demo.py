@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from sop_lightning.cli import main as cli_main
+from sop_lightning.cli import build_cli
 
 
 def run(argv: list[str]) -> dict[str, float]:
@@ -21,7 +21,7 @@ def run(argv: list[str]) -> dict[str, float]:
     args, extra = parser.parse_known_args(argv)
     sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly
     start = time.perf_counter()
-    cli = cli_main(["--config", args.config, *extra], run=False)
+    cli = build_cli(["--config", args.config, *extra], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     trainer.fit(model, data)
     train_time = time.perf_counter() - start

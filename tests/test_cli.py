@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sop_lightning.cli import main
+from sop_lightning.cli import build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
@@ -20,7 +20,7 @@ def test_print_config(config, capsys):
 
 @pytest.mark.parametrize("config", DEMO, ids=lambda p: p.stem)
 def test_two_step_fit_of_demo_config(config, fake_fmnist, tmp_path):
-    cli = main(
+    cli = build_cli(
         [
             "fit", "--config", str(config),
             "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",

@@ -113,7 +113,7 @@ def test_any_torchvision_style_dataset():
 
 
 def test_dataset_from_cli_class_path(tmp_path):
-    from sop_lightning.cli import main
+    from sop_lightning.cli import build_cli
 
     config = tmp_path / "cfg.yaml"
     config.write_text(
@@ -136,6 +136,6 @@ data:
     masking: false
 """
     )
-    cli = main(["--config", str(config), "--trainer.max_steps", "1", "--trainer.logger", "false",
+    cli = build_cli(["--config", str(config), "--trainer.max_steps", "1", "--trainer.logger", "false",
                 "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
     assert len(cli.datamodule.dataset) == 8 and cli.model.hparams.img_size == 32

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from sop_lightning import DINO, SOP, LabelledDataModule, LinearProbe, SSLDataModule
-from sop_lightning.cli import main
+from sop_lightning.cli import build_cli, main
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,14 +50,14 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
              "--model.init_args.num_anchors", "8", "--model.init_args.num_patch_anchors", "4",
              "--model.init_args.depth", "1", "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2",
              "--model.init_args.hidden_dim", "32"]  # fmt: skip
-    fit = main(["fit", *common, *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
+    fit = build_cli(["fit", *common, *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
     fit_top1 = float(fit.trainer.callback_metrics["val/knn_top1"])
     ckpt = next(Path(tmp_path).rglob("*.ckpt"))
-    val = main(["validate", *common, *small, "--ckpt_path", str(ckpt)])
+    val = build_cli(["validate", *common, *small, "--ckpt_path", str(ckpt)])
     assert float(val.trainer.callback_metrics["val/knn_top1"]) == pytest.approx(fit_top1)
     assert 0 <= fit_top1 <= 100 and "val/knn_top5_k200" in val.trainer.callback_metrics
     out = tmp_path / "exported.pth"
-    main(["export", "--ckpt_path", str(ckpt), "--output", str(out)])
+    assert main(["export", "--ckpt_path", str(ckpt), "--output", str(out)]) == 0
     state = torch.load(out)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=4, embed_dim=32, depth=1,
                             num_heads=2)  # fmt: skip

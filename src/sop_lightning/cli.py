@@ -1,4 +1,9 @@
-"""``sop-lightning fit | validate`` — LightningCLI in subclass mode (API.md, Command line)."""
+"""``sop-lightning fit | validate | export`` — LightningCLI in subclass mode (API.md, Command line).
+
+:func:`main` is the console-script entry point and returns an exit status (0 on success; failures raise,
+or argument errors exit with status 2, so a scheduler sees them); :func:`build_cli` returns the
+``SOPLightningCLI`` object for scripts and notebooks that want the trainer, model and data module.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["SOPLightningCLI", "main"]
+__all__ = ["SOPLightningCLI", "build_cli", "main"]
 
 
 class SOPLightningCLI(LightningCLI):
@@ -20,9 +25,10 @@ class SOPLightningCLI(LightningCLI):
         parser.link_arguments("data.patch_size", "model.init_args.patch_size", apply_on="instantiate")
 
 
-def export_main(args: list[str]) -> None:
+def export_main(args: list[str]) -> int:
     """``sop-lightning export --ckpt_path X --output Y``: the teacher backbone as a timm state dict."""
     import argparse
+    from pathlib import Path
 
     from .evaluation.export import export_checkpoint_backbone
 
@@ -30,19 +36,19 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="a sop_lightning method checkpoint (.ckpt)")
     parser.add_argument("--output", required=True, help="where to write the timm state dict (.pth)")
     ns = parser.parse_args(args)
+    if not Path(ns.ckpt_path).is_file():
+        parser.error(f"--ckpt_path {ns.ckpt_path!r} is not a file")  # exits with status 2
     kwargs = export_checkpoint_backbone(ns.ckpt_path, ns.output)
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     print(f"wrote {ns.output}\nload it with:\n  import timm, torch\n  model = timm.create_model({call})")
     print(f"  model.load_state_dict(torch.load({ns.output!r}), strict=True)")
+    return 0
 
 
-def main(args: list[str] | None = None, run: bool = True) -> SOPLightningCLI | None:
+def build_cli(args: list[str] | None = None, run: bool = True) -> SOPLightningCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``) and, when ``run``, execute the subcommand; returns the CLI
+    (``cli.trainer``, ``cli.model``, ``cli.datamodule``). With ``run=False`` there is no subcommand."""
     import torch
-
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
-        return None
 
     # Float32 matmuls may use TF32 on Ampere+ GPUs; no effect on CPU.
     torch.set_float32_matmul_precision("high")
@@ -59,5 +65,14 @@ def main(args: list[str] | None = None, run: bool = True) -> SOPLightningCLI | N
     )
 
 
+def main(args: list[str] | None = None) -> int:
+    """Console-script entry point: ``sop-lightning fit | validate | export ...``; returns the exit status."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    build_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The installed ``sop-lightning`` executable, run as users and schedulers run it: exit status 0 on success,
+non-zero with a clear message on failure (issue 8.1)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOP_DEMO = ROOT / "experiments" / "demo" / "sop.yaml"
+
+
+def _executable() -> str:
+    local = Path(sys.executable).parent / "sop-lightning"
+    found = str(local) if local.exists() else shutil.which("sop-lightning")
+    assert found, "the sop-lightning console script is not installed"
+    return found
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([_executable(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _tiny(root: Path, out: Path) -> list[str]:
+    return [
+        "--config", str(SOP_DEMO),
+        "--data.init_args.root", str(root), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+        "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1", "--model.init_args.num_heads", "2",
+        "--model.init_args.hidden_dim", "32", "--model.init_args.memory_size", "64",
+        "--model.init_args.patch_memory_size", "32", "--model.init_args.num_anchors", "8",
+        "--model.init_args.num_patch_anchors", "4",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+    ]  # fmt: skip
+
+
+def _assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "SOPLightningCLI object" not in proc.stdout + proc.stderr
+
+
+def test_fit_validate_export_exit_zero(fake_fmnist, tmp_path):
+    fit = _run("fit", *_tiny(fake_fmnist, tmp_path), "--trainer.max_steps", "2", cwd=tmp_path)
+    _assert_ok(fit)
+    ckpts = sorted(tmp_path.rglob("*.ckpt"))
+    assert ckpts, fit.stdout[-2000:]
+    val = _run("validate", *_tiny(fake_fmnist, tmp_path), "--ckpt_path", str(ckpts[-1]), cwd=tmp_path)
+    _assert_ok(val)
+    assert "val/knn_top1" in val.stdout
+    out = tmp_path / "teacher.pth"
+    export = _run("export", "--ckpt_path", str(ckpts[-1]), "--output", str(out), cwd=tmp_path)
+    _assert_ok(export)
+    assert out.exists() and "timm.create_model" in export.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--model.init_args.base_lr", "-1"], "base_lr must be > 0, got -1"),
+        (["fit", "--trainer.max_stepz", "2"], "max_stepz"),
+        (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt"),
+    ],
+    ids=["bad-value", "unknown-argument", "missing-checkpoint"],
+)
+def test_failures_exit_nonzero_with_a_clear_message(fake_fmnist, tmp_path, args, message):
+    cmd, rest = args[0], args[1:]
+    extra = _tiny(fake_fmnist, tmp_path) if cmd == "fit" else []
+    proc = _run(cmd, *extra, *rest, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
