@@ -118,3 +118,45 @@ def test_errors():
         log_vmf_normalizer(torch.ones(1), 2)
     with pytest.raises(ValueError, match="method"):
         log_vmf_normalizer(torch.ones(1), 16, "bessel")
+
+
+def _ell_a_float64(kappa: torch.Tensor, p: int) -> torch.Tensor:
+    """§7.3 ℓ_A written out again in float64, independently of the library."""
+    nu = p / 2 - 1
+    s = torch.sqrt(kappa.double() ** 2 + nu**2)
+    return -s + nu * torch.log(nu + s) + 0.5 * torch.log(s) - (p - 1) / 2 * math.log(2 * math.pi)
+
+
+def test_float64_stays_float64_and_low_precision_computes_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    y = torch.nn.functional.normalize(torch.randn(5, 256, generator=g, dtype=torch.float64), dim=1)
+    w = (
+        torch.randn(7, 256, generator=g, dtype=torch.float64)
+        * torch.linspace(0.5, 3.0, 7, dtype=torch.float64)[:, None]
+    )
+    tau = 0.1
+    reference = y @ w.T / tau + _ell_a_float64(w.norm(dim=1) / tau, 256)
+    got = vmf_logits(y, w, tau)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-10)  # fp32 would be off by ~1e-5
+    bias = vmf_bias(w.norm(dim=1), 256, tau)
+    assert bias.dtype == torch.float64
+    torch.testing.assert_close(bias, _ell_a_float64(w.norm(dim=1) / tau, 256), rtol=1e-12, atol=1e-10)
+    for low in (torch.bfloat16, torch.float16):
+        assert vmf_logits(y.to(low), w.to(low), tau).dtype == torch.float32
+        assert vmf_bias(w.norm(dim=1).to(low), 256, tau).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vmf_logits(y.float(), w.float(), tau).dtype == torch.float32
+
+
+def test_dino_loss_keeps_float64():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 16, generator=g, dtype=torch.float64), torch.randn(4, 16, generator=g, dtype=torch.float64)
+    bias = torch.randn(16, generator=g, dtype=torch.float64)
+    loss = DINOLoss(16, centering="prob")(s, t, 0.04, bias, bias)
+    assert loss.dtype == torch.float64
+    # reference: centre is uniform 1/K at start, so "prob" centering is a no-op here
+    log_ps = torch.log_softmax(s / 0.1 + bias, -1).split(2)
+    pt = torch.softmax(t / 0.04 + bias, -1).split(2)
+    pairs = [-(pt[q] * log_ps[v]).sum(-1).mean() for q in range(2) for v in range(4) if v != q]
+    torch.testing.assert_close(loss, torch.stack(pairs).mean(), rtol=1e-12, atol=1e-12)

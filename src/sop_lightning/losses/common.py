@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cross_entropy", "cross_view_mean", "masked_image_mean"]
+__all__ = ["compute_dtype", "at_least_fp32", "cross_entropy", "cross_view_mean", "masked_image_mean"]
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the objectives compute in: the inputs' promoted dtype, at least float32 — bf16/fp16
+    inputs (autocast) compute in fp32, float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in :func:`compute_dtype` (a no-op for fp32 and fp64 tensors)."""
+    return x.to(compute_dtype(x))
 
 
 def cross_entropy(target: Tensor, log_pred: Tensor) -> Tensor:

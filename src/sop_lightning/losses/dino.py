@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean
-from .common import cross_entropy, cross_view_mean, masked_image_mean
+from .common import at_least_fp32, cross_entropy, cross_view_mean, masked_image_mean
 
 __all__ = ["Center", "DINOLoss", "IBOTPatchLoss", "teacher_stats"]
 
@@ -20,7 +20,7 @@ Centering = Literal["logit", "prob", "prob_subtractive", "none"]
 def teacher_stats(p_t: Tensor) -> dict[str, Tensor]:
     """Collapse diagnostics of teacher targets ``(n, K)``: their mean distribution ``(K,)`` and mean
     entropy, and the fraction of columns that are some row's argmax."""
-    p = p_t.reshape(-1, p_t.shape[-1]).float()
+    p = at_least_fp32(p_t.reshape(-1, p_t.shape[-1]))
     entropy = cross_entropy(p, p.clamp(min=1e-30).log()).mean()
     used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).mean()
     return {"mean_probs": p.mean(0), "entropy": entropy, "argmax_fraction": used}
@@ -69,7 +69,7 @@ class Center(nn.Module):
     def update(self, logits: Tensor, temperature: float, bias: Tensor | None = None) -> None:
         if self.mode == "none":
             return
-        rows = logits.reshape(-1, logits.shape[-1]).float()
+        rows = at_least_fp32(logits.reshape(-1, logits.shape[-1]))
         if self.mode != "logit":
             rows = F.softmax(self._uncentred(rows, temperature, bias), dim=-1)
         batch = all_reduce_mean(rows.sum(0), rows.shape[0])
@@ -95,8 +95,8 @@ class _CenteredDistillation(nn.Module):
         self.center = Center(num_prototypes, centering, center_momentum)
 
     def student_log_probs(self, logits: Tensor, bias: Tensor | None) -> Tensor:
-        a = logits.float() / self.student_temp
-        return F.log_softmax(a if bias is None else a + bias.float(), dim=-1)
+        a = at_least_fp32(logits) / self.student_temp
+        return F.log_softmax(a if bias is None else a + bias.to(a.dtype), dim=-1)
 
 
 class DINOLoss(_CenteredDistillation):
@@ -115,7 +115,7 @@ class DINOLoss(_CenteredDistillation):
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
     ) -> Tensor:
-        t = teacher_logits.detach().float()
+        t = at_least_fp32(teacher_logits.detach())
         batch = t.shape[0] // 2
         if t.shape[0] % 2 or student_logits.shape[0] % batch:
             raise ValueError(
@@ -148,7 +148,7 @@ class IBOTPatchLoss(_CenteredDistillation):
         teacher_bias: Tensor | None = None,
     ) -> Tensor:
         masks = masks.flatten(1).bool()
-        t = teacher_logits.detach().float()
+        t = at_least_fp32(teacher_logits.detach())
         if t.shape[:2] != masks.shape:
             raise ValueError(f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
         s = student_logits[masks] if student_logits.ndim == 3 else student_logits

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..distributed import rank as current_rank
 from ..memory import MemoryBank
-from .common import cross_entropy, cross_view_mean, masked_image_mean
+from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
 
 __all__ = ["SOPs", "build_sops", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
@@ -66,7 +66,7 @@ def build_sops(
     if contribution not in ("soft", "onehot", "uniform"):
         raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
     with torch.autocast(device_type=memory.device.type, enabled=False):
-        memory = memory.detach().to(torch.promote_types(memory.dtype, torch.float32))
+        memory = at_least_fp32(memory.detach())
         anchors = memory[anchor_idx]
         if num_neighbors == 0:
             supports = anchors.unsqueeze(1)
@@ -143,7 +143,7 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
     K, S, d = supports.shape
     if K < 2:
         raise ValueError(f"the number of SOPs K must be >= 2, got {K}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         flat = x.to(dtype).reshape(-1, d)
         p = _SOPProbabilities.apply(flat, supports.to(dtype).reshape(K * S, d), c.to(dtype), 1.0 / temperature)
@@ -152,7 +152,7 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """KoLeo regulariser (§4.4): ``-mean_i log(||x_i - x_nn(i)|| + eps)`` on re-normalised rows."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
+    x = F.normalize(at_least_fp32(x), dim=-1, eps=eps)
     with torch.no_grad():
         sims = x @ x.T
         sims.fill_diagonal_(float("-inf"))

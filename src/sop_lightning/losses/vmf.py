@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .common import at_least_fp32, compute_dtype
+
 __all__ = ["log_vmf_normalizer", "vmf_logits", "vmf_log_normalizer_derivative", "vmf_bias"]
 
 Method = Literal["approx", "approx1", "exact"]
@@ -27,8 +29,7 @@ def _check_dim(dim: int) -> float:
 
 def _approx(kappa: Tensor, dim: int, first_correction: bool) -> Tensor:
     nu = _check_dim(dim)
-    dtype = torch.promote_types(kappa.dtype, torch.float32)
-    k = kappa.to(dtype).clamp(min=0.0)
+    k = at_least_fp32(kappa).clamp(min=0.0)
     s = torch.sqrt(k * k + nu * nu)  # hypot(ν, κ); hypot lacks a double-backward on some builds
     ell = -s + nu * torch.log(nu + s) + 0.5 * torch.log(s) - 0.5 * (dim - 1) * math.log(2 * math.pi)
     if first_correction:
@@ -79,25 +80,29 @@ def log_vmf_normalizer(kappa: Tensor, dim: int, method: Method = "approx") -> Te
 def vmf_log_normalizer_derivative(kappa: Tensor, dim: int) -> Tensor:
     """``d ℓ_A / dκ = −κ/(ν + s) + κ/(2 s²)`` (exact value: ``−I_{ν+1}(κ)/I_ν(κ)``), §7.3."""
     nu = _check_dim(dim)
-    k = kappa.to(torch.promote_types(kappa.dtype, torch.float32)).clamp(min=0.0)
+    k = at_least_fp32(kappa).clamp(min=0.0)
     s = torch.sqrt(k * k + nu * nu)
     return -k / (nu + s) + k / (2 * s * s)
 
 
 def vmf_logits(y: Tensor, weight: Tensor, temperature: float, method: Method = "approx") -> Tensor:
     """``a_k = <w_k, y>/τ + log C_p(||w_k||/τ)`` of shape ``(N, K)`` for ``y`` ``(N, d)``, ``weight``
-    ``(K, d)`` (§7.2), in fp32 even under autocast; gradients reach ``y`` and the prototype norms."""
+    ``(K, d)`` (§7.2), computed in the inputs' promoted dtype and at least fp32 (bf16/fp16 and autocast give
+    fp32, float64 stays float64); gradients reach ``y`` and the prototype norms."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     with torch.autocast(device_type=y.device.type, enabled=False):
-        w = weight.float()
-        logits = y.float() @ w.T / temperature
+        dtype = compute_dtype(y, weight)
+        w = weight.to(dtype)
+        logits = y.to(dtype) @ w.T / temperature
         return logits + log_vmf_normalizer(w.norm(dim=1) / temperature, w.shape[1], method).to(logits.dtype)
 
 
 def vmf_bias(norms: Tensor, dim: int, temperature: float, method: Method = "approx") -> Tensor:
     """Per-prototype logit correction ``log C_p(||w_k||/τ)`` ``(K,)`` for prototype norms ``(K,)``
-    (what :func:`vmf_logits` adds; the DINO/iBOT losses take it as ``student_bias`` / ``teacher_bias``)."""
+    (what :func:`vmf_logits` adds; the DINO/iBOT losses take it as ``student_bias`` / ``teacher_bias``), at
+    least fp32 (float64 norms give a float64 bias)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return log_vmf_normalizer(norms.float() / temperature, dim, method).float()
+    norms = at_least_fp32(norms)
+    return log_vmf_normalizer(norms / temperature, dim, method).to(norms.dtype)
