@@ -84,7 +84,8 @@ def test_datamodule_batches(fake_fmnist):
     assert sum(len(b[1]) for b in train) == 20
     no_mask = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
                             num_local=0, patch_size=4, masking=False)  # fmt: skip
-    assert not next(iter(no_mask.train_dataloader())).masks.any()
+    masks = next(iter(no_mask.train_dataloader())).masks
+    assert masks.shape == (2, 4, 7, 7) and masks.dtype == torch.bool and not masks.any()  # the real grid (API.md)
 
 
 def test_datamodule_errors(tmp_path):

@@ -179,3 +179,22 @@ def test_pred_start_epoch_empties_masks_and_memory_fill_zeroes_sop_loss(fake_fmn
     assert int(model.sop_loss.memory.ptr) == 8  # the banks still filled
     with pytest.raises(ValueError, match="pred_start_epoch"):
         DINO(pred_start_epoch=-1, **TINY)
+
+
+@pytest.mark.parametrize("cls", [IBOT, SOP])
+def test_masking_off_trains_methods_that_mask(cls, fake_fmnist, monkeypatch):
+    """``masking=False`` gives all-False masks of the real grid: the student sees unmasked views, the
+    patch objectives have no masked token and add 0, and the [CLS] loss still trains."""
+    model = cls(**SOP_SMALL, **TINY) if cls is SOP else cls(num_prototypes=32, **TINY)
+    seen = []
+    original = model.compute_losses
+
+    def spy(student, teacher, masks, temp):
+        out = original(student, teacher, masks, temp)
+        seen.append((tuple(masks.shape), bool(masks.any()), float(out["loss"])))
+        return out
+
+    monkeypatch.setattr(model, "compute_losses", spy)
+    _trainer(limit_train_batches=2, limit_val_batches=0).fit(model, _data(fake_fmnist, masking=False))
+    assert [s[:2] for s in seen] == [((8, 7, 7), False)] * 2  # 2 global views x B = 4
+    assert all(loss > 0 and loss == loss for *_, loss in seen)

@@ -77,11 +77,11 @@ def collate_labelled(samples: list) -> tuple[Tensor, ...]:
 
 
 class _MaskSampler:
-    """Draws the masks of the global views of one image in the worker (§9.2–9.3)."""
+    """Draws the masks ``(num_views, H', W')`` of the global views of one image in the worker (§9.2–9.3);
+    without a generator (masking off) they are all False, still of the real grid (API.md)."""
 
-    def __init__(self, generator: BlockMaskGenerator | None, ratios: MaskRatioSampler, num_views: int = 2):
-        self.generator, self.ratios, self.num_views = generator, ratios, num_views
-        self.grid = (generator.height, generator.width) if generator is not None else (1, 1)
+    def __init__(self, grid: int, generator: BlockMaskGenerator | None, ratios: MaskRatioSampler, num_views: int = 2):
+        self.grid, self.generator, self.ratios, self.num_views = (grid, grid), generator, ratios, num_views
 
     def __call__(self) -> Tensor:
         if self.generator is None:
@@ -158,6 +158,7 @@ class SSLDataModule(L.LightningDataModule):
         )  # fmt: skip
         grid = global_size // patch_size
         self.masks = _MaskSampler(
+            grid,
             BlockMaskGenerator(grid, shape=mask_shape) if masking else None,
             MaskRatioSampler(mask_ratio, mask_ratio_var),
         )
