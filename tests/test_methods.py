@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -198,3 +200,49 @@ def test_masking_off_trains_methods_that_mask(cls, fake_fmnist, monkeypatch):
     _trainer(limit_train_batches=2, limit_val_batches=0).fit(model, _data(fake_fmnist, masking=False))
     assert [s[:2] for s in seen] == [((8, 7, 7), False)] * 2  # 2 global views x B = 4
     assert all(loss > 0 and loss == loss for *_, loss in seen)
+
+
+def test_schedules_use_the_real_steps_per_epoch_when_max_steps_and_max_epochs_are_both_set(fake_fmnist):
+    """4 batches per epoch (limit_train_batches) while max_steps / max_epochs = 6 / 3 = 2: the per-epoch
+    teacher temperature must follow ``current_epoch`` and the lr warm-up last 1 epoch = 4 steps."""
+    model = DINO(num_prototypes=32, base_lr=1e-3, min_lr=1e-6, warmup_epochs=1, teacher_temp=0.07,
+                 warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2, freeze_last_layer=0, **TINY)  # fmt: skip
+    seen = []
+    original = model.compute_losses
+
+    def spy(student, teacher, masks, temp):
+        seen.append((model.current_epoch, temp, model.optimizers().param_groups[0]["lr"]))
+        return original(student, teacher, masks, temp)
+
+    model.compute_losses = spy
+    _trainer(max_steps=6, max_epochs=3, limit_train_batches=4, limit_val_batches=0).fit(
+        model, _data(fake_fmnist, masking=False)
+    )
+    assert [e for e, _, _ in seen] == [0, 0, 0, 0, 1, 1]
+    assert [t for _, t, _ in seen] == pytest.approx([0.04] * 4 + [0.07] * 2)  # linspace(0.04, 0.07, 2)[epoch]
+    peak, low = 1e-3 * 4 / 256, 1e-6
+    lr = [peak * i / 3 for i in range(4)] + [low + 0.5 * (peak - low) * (1 + math.cos(math.pi * j / 2)) for j in (0, 1)]
+    assert [r for _, _, r in seen] == pytest.approx(lr)
+
+
+def test_ibot_patch_temperature_warms_up_from_pred_start_epoch(fake_fmnist):
+    """§6.2 / iBOT code: ``concat(ones(s)·0.04, linspace(0.04, τ'_t, W), ones·τ'_t)`` for the patches while
+    the [CLS] temperature warms up from epoch 0."""
+    model = IBOT(num_prototypes=32, pred_start_epoch=2, teacher_temp=0.07, teacher_patch_temp=0.06,
+                 warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2, **TINY)  # fmt: skip
+    seen = []
+    dino_forward, patch_forward = model.dino_loss.forward, model.patch_loss.forward
+
+    def cls_spy(s, t, temp, *args):
+        seen.append({"epoch": model.current_epoch, "cls": temp})
+        return dino_forward(s, t, temp, *args)
+
+    def patch_spy(s, t, masks, temp, *args):
+        seen[-1]["patch"] = temp
+        return patch_forward(s, t, masks, temp, *args)
+
+    model.dino_loss.forward, model.patch_loss.forward = cls_spy, patch_spy
+    _trainer(max_epochs=5, limit_train_batches=1, limit_val_batches=0).fit(model, _data(fake_fmnist))
+    assert [s["epoch"] for s in seen] == [0, 1, 2, 3, 4]
+    assert [s["cls"] for s in seen] == pytest.approx([0.04, 0.07, 0.07, 0.07, 0.07])
+    assert [s["patch"] for s in seen] == pytest.approx([0.04, 0.04, 0.04, 0.06, 0.06])

@@ -48,3 +48,9 @@ def test_bad_arguments():
         cosine_at(0, 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="warmup_steps"):
         cosine_at(0, 1.0, 0.0, 10, warmup_steps=11)
+
+
+def test_epoch_warmup_with_a_start_epoch():
+    got = [epoch_warmup_at(e, 0.04, 0.07, 4, start_epoch=3) for e in range(9)]
+    expected = [0.04] * 3 + [0.04, 0.05, 0.06, 0.07] + [0.07] * 2  # ones(3)·0.04, linspace(0.04, 0.07, 4), ...
+    assert got == pytest.approx(expected)

@@ -57,8 +57,13 @@ def cosine_schedule(
     )
 
 
-def epoch_warmup_at(epoch: int, start: float, final: float, warmup_epochs: int) -> float:
-    """DINO/iBOT teacher temperature: ``linspace(start, final, warmup_epochs)[epoch]``, then ``final``."""
+def epoch_warmup_at(epoch: int, start: float, final: float, warmup_epochs: int, start_epoch: int = 0) -> float:
+    """DINO/iBOT teacher temperature (§6.1–6.2): ``start`` before ``start_epoch``, then
+    ``linspace(start, final, warmup_epochs)[epoch - start_epoch]``, then ``final``. iBOT's patch temperature
+    starts its warm-up at ``pred_start_epoch``."""
+    epoch = epoch - start_epoch
+    if epoch < 0:
+        return float(start)
     if epoch >= warmup_epochs:
         return float(final)
     if warmup_epochs == 1:

@@ -106,8 +106,8 @@ class SelfDistillation(L.LightningModule):
         )
         self.student = SSLNetwork(vit, ProjectionHead(vit.embed_dim, hidden_dim, out_dim))
         self.teacher = make_teacher(self.student)
-        self._total_steps: int | None = None
-        self._steps_per_epoch: int | None = None
+        self._schedule_override: tuple[int, int] | None = None  # set_schedule_length
+        self._schedule_from_trainer: tuple[int, int] | None = None  # derived once per fit
 
     # ------------------------------------------------------------------ what a method provides
     def add_prototypes(self, num_prototypes: int, norm_last_layer: bool) -> None:
@@ -132,23 +132,21 @@ class SelfDistillation(L.LightningModule):
 
     # ------------------------------------------------------------------ schedules (§10.1)
     def set_schedule_length(self, total_steps: int, steps_per_epoch: int) -> None:
-        """Fix ``T`` and iterations per epoch (taken from the trainer when not set)."""
+        """Fix ``T`` and the optimizer steps per epoch (by default both are read from the trainer at the
+        start of each fit)."""
         if total_steps < 1 or steps_per_epoch < 1:
             raise ValueError(f"total_steps and steps_per_epoch must be >= 1, got {total_steps}, {steps_per_epoch}")
-        self._total_steps, self._steps_per_epoch = int(total_steps), int(steps_per_epoch)
+        self._schedule_override = (int(total_steps), int(steps_per_epoch))
 
     def _schedule_length(self) -> tuple[int, int]:
-        if self._total_steps is None:
-            trainer = self.trainer
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError("set max_epochs or max_steps: the schedules need the run length")
-            if trainer.max_epochs and trainer.max_epochs > 0:
-                per_epoch = max(1, math.ceil(total / trainer.max_epochs))
-            else:
-                per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-            self.set_schedule_length(int(total), per_epoch)
-        return self._total_steps, self._steps_per_epoch  # type: ignore[return-value]
+        if self._schedule_override is not None:
+            return self._schedule_override
+        if self._schedule_from_trainer is None:
+            self._schedule_from_trainer = schedule_length(self.trainer)
+        return self._schedule_from_trainer
+
+    def on_fit_start(self) -> None:
+        self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
 
     def global_batch_size(self, batch_size: int) -> int:
         trainer = self._trainer
@@ -170,16 +168,19 @@ class SelfDistillation(L.LightningModule):
         total, _ = self._schedule_length()
         return cosine_at(step, self.hparams.momentum_teacher, 1.0, total)
 
-    def teacher_temp_at(self, step: int, final: float | None = None) -> float:
+    def teacher_temp_at(self, step: int, final: float | None = None, start_epoch: int = 0) -> float:
         """``τ_t`` at ``step``: warm-up from ``warmup_teacher_temp`` to ``final`` (default
-        ``teacher_temp``), per iteration (SOP) or per epoch (DINO / iBOT), §10.1."""
+        ``teacher_temp``), per iteration (SOP) or per epoch (DINO / iBOT), §10.1; held at
+        ``warmup_teacher_temp`` before ``start_epoch`` (iBOT's patch temperature, §6.2)."""
         total, per_epoch = self._schedule_length()
         hp = self.hparams
         final = hp.teacher_temp if final is None else final
         if self.teacher_temp_per_iteration:
             warm = min(hp.warmup_teacher_temp_epochs * per_epoch, total)
-            return cosine_at(step, final, final, total, warm, hp.warmup_teacher_temp)
-        return epoch_warmup_at(step // per_epoch, hp.warmup_teacher_temp, final, hp.warmup_teacher_temp_epochs)
+            return cosine_at(step - start_epoch * per_epoch, final, final, total, warm, hp.warmup_teacher_temp)
+        return epoch_warmup_at(
+            step // per_epoch, hp.warmup_teacher_temp, final, hp.warmup_teacher_temp_epochs, start_epoch
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_callbacks(self) -> list[L.Callback]:
@@ -279,6 +280,21 @@ class SelfDistillation(L.LightningModule):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
         return backbone.timm_kwargs()
+
+
+def schedule_length(trainer: L.Trainer) -> tuple[int, int]:
+    """``(T, optimizer steps per epoch)`` of a fit: ``T`` is the trainer's estimate (``max_steps`` and
+    ``max_epochs`` both honoured), the steps per epoch come from the real loader length after
+    ``limit_train_batches`` and gradient accumulation, so ``step // per_epoch == current_epoch``."""
+    total = trainer.estimated_stepping_batches  # sets the train loader up when needed
+    if not math.isfinite(total):
+        raise ValueError("set max_epochs or max_steps: the schedules need the run length")
+    batches = trainer.num_training_batches
+    if math.isfinite(batches):
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    else:  # a loader without a length: the run is one long epoch
+        per_epoch = max(1, int(total))
+    return max(1, int(total)), per_epoch
 
 
 @torch.no_grad()

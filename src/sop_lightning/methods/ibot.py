@@ -27,7 +27,7 @@ class IBOT(SelfDistillation):
         center_momentum: 0.9.
         mim_weight: ``λ2`` of the patch loss.
         teacher_patch_temp: final teacher temperature of the patch targets (default ``teacher_temp``);
-            it warms up like ``teacher_temp``.
+            it warms up like ``teacher_temp``, from ``pred_start_epoch`` on (§6.2).
         vmf_approx: ``log C_p`` evaluation: ``"approx"`` (§7.3), ``"approx1"`` or ``"exact"`` (slow).
         **kwargs: the shared training arguments of :class:`SelfDistillation`.
     """
@@ -64,7 +64,8 @@ class IBOT(SelfDistillation):
         s_bias, t_bias = self.prototype_biases(temp)
         cls_loss = self.dino_loss(proto_s(student.cls), proto_t(teacher.cls), temp, s_bias, t_bias)
         flat = masks.flatten(1)
-        patch_temp = self.teacher_temp_at(self.global_step, self.hparams.teacher_patch_temp)
+        hp = self.hparams  # §6.2: the patch temperature starts its warm-up when masked modelling starts
+        patch_temp = self.teacher_temp_at(self.global_step, hp.teacher_patch_temp, hp.pred_start_epoch)
         t_bias = self.prototype_biases(patch_temp)[1] if patch_temp != temp else t_bias
         patch_loss = self.patch_loss(
             proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp, s_bias, t_bias
