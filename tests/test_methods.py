@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -246,3 +247,21 @@ def test_ibot_patch_temperature_warms_up_from_pred_start_epoch(fake_fmnist):
     assert [s["epoch"] for s in seen] == [0, 1, 2, 3, 4]
     assert [s["cls"] for s in seen] == pytest.approx([0.04, 0.07, 0.07, 0.07, 0.07])
     assert [s["patch"] for s in seen] == pytest.approx([0.04, 0.04, 0.04, 0.06, 0.06])
+
+
+def test_max_time_stop_mid_schedule_warns_with_step_and_plan(fake_fmnist):
+    model = DINO(num_prototypes=32, **TINY)
+    data = _data(fake_fmnist, masking=False)
+    with pytest.warns(UserWarning, match=r"stopped at step 0 of the 4 planned by the schedules because max_time"):
+        _trainer(max_time={"seconds": 0}, limit_train_batches=4, limit_val_batches=0).fit(model, data)
+
+    class StopAfterTwo(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 2
+
+    with pytest.warns(UserWarning, match=r"stopped at step 2 of the 4 planned by the schedules: the learning rate"):
+        _trainer(limit_train_batches=4, limit_val_batches=0, callbacks=[StopAfterTwo()]).fit(model, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(limit_train_batches=4, limit_val_batches=0).fit(DINO(num_prototypes=32, **TINY), data)
+    assert not [w for w in caught if "planned by the schedules" in str(w.message)]

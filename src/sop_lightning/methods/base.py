@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..backbones import ViTBackbone
@@ -147,6 +149,28 @@ class SelfDistillation(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
+
+    def on_fit_end(self) -> None:
+        """Say so when training stops before the planned schedule ends (``max_time``, early stopping, a
+        callback): lr, EMA momentum and teacher temperature then never reached their end values."""
+        if not self.trainer.num_training_batches:
+            return  # nothing was planned (limit_train_batches=0)
+        total, _ = self._schedule_length()
+        step = self.trainer.global_step
+        if step >= total:
+            return
+        timers = [cb for cb in self.trainer.callbacks if isinstance(cb, Timer)]
+        reason = " because max_time was reached" if any((t.time_remaining() or 0) <= 0 for t in timers) else ""
+        lr = self.optimizers().param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+        rank_zero_warn(
+            f"training stopped at step {step} of the {total} planned by the schedules{reason}: the learning rate "
+            f"({lr:.3g}, end value {self.hparams.min_lr:.3g}), the EMA momentum ({self.momentum_at(step):.5f}, end "
+            f"value {self.momentum_at(total - 1):.5f}) and the teacher temperature ({self.teacher_temp_at(step):.4g}, "
+            f"end value {self.teacher_temp_at(total - 1):.4g}) never reached their end values. Resume from the last "
+            "checkpoint (--ckpt_path last) to finish the schedule, or plan a run that fits the time budget "
+            "(max_steps / max_epochs) so the schedules end where training stops.",
+            category=UserWarning,
+        )
 
     def global_batch_size(self, batch_size: int) -> int:
         trainer = self._trainer
