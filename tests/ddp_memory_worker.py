@@ -50,9 +50,12 @@ class SaveBanks(L.Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
         torch.save(
             {"cls": pl_module.sop_loss.memory.embeddings.clone(), "ptr": pl_module.sop_loss.memory.ptr.clone(),
-             "patch": pl_module.sop_mim_loss.memory.embeddings.clone(), "step": trainer.global_step},
+             "patch": pl_module.sop_mim_loss.memory.embeddings.clone(), "step": trainer.global_step,
+             "ddp": type(ddp).__name__, "ddp_broadcast_buffers": sorted(ddp.named_module_buffers),
+             "ddp_syncs_buffers": ddp.will_sync_module_buffers()},
             os.path.join(self.out, f"fit_{trainer.global_rank}.pt"),
         )  # fmt: skip
 

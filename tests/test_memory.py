@@ -109,3 +109,7 @@ def test_two_gloo_ranks_hold_identical_banks(fake_fmnist, tmp_path):
     assert int(f0["ptr"]) == 3 * 3 * 2  # 3 steps x 3 images x 2 ranks
     for key in ("cls", "patch", "ptr"):
         assert torch.equal(f0[key], f1[key]), key
+    # the banks stay identical through their all-gathered enqueues alone: DDP does not rebroadcast them
+    assert f0["ddp"] == "DistributedDataParallel"
+    assert not [name for name in f0["ddp_broadcast_buffers"] if "memory" in name], f0["ddp_broadcast_buffers"]
+    assert f0["ddp_syncs_buffers"] is False

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..backbones import ViTBackbone
 from ..callbacks.diagnostics import Diagnostics
@@ -146,6 +147,18 @@ class SelfDistillation(L.LightningModule):
         if self._schedule_from_trainer is None:
             self._schedule_from_trainer = schedule_length(self.trainer)
         return self._schedule_from_trainer
+
+    def rank_consistent_buffers(self) -> list[str]:
+        """Names of the buffers every rank keeps identical by itself: the objectives' state outside student
+        and teacher (memory banks written by all-gathered enqueues, centers updated from all-reduced
+        means, seeded anchor sets). A subclass whose objective state is per rank must leave it out."""
+        return [name for name, _ in self.named_buffers() if not name.startswith(("student.", "teacher."))]
+
+    def setup(self, stage: str) -> None:
+        # DDP(broadcast_buffers=True) would resend these from rank 0 before every forward (~72 MB of SOP
+        # banks at the paper sizes) although they are identical by construction (§5); student and teacher
+        # buffers, if a backbone has any, are still broadcast.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, self.rank_consistent_buffers())
 
     def on_fit_start(self) -> None:
         self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
