@@ -7,7 +7,6 @@ and draw rank-consistent anchors.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal, NamedTuple
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import rank as current_rank
+from ..seeding import mix_seed
 from ..memory import MemoryBank
 from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
@@ -165,11 +165,6 @@ def _log(p: Tensor) -> Tensor:
     return p.clamp(min=_TINY).log()
 
 
-def _seed(*parts: int) -> int:
-    digest = hashlib.blake2b("-".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class _SOPObjective(nn.Module):
     """Memory bank + rank-consistent anchor draws shared by the [CLS] and patch objectives."""
 
@@ -209,13 +204,13 @@ class _SOPObjective(nn.Module):
             raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
         if student_temp <= 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.memory = MemoryBank(memory_size, dim, seed=_seed(seed, objective_id, -1) % (1 << 31))
+        self.memory = MemoryBank(memory_size, dim, seed=mix_seed(seed, objective_id, -1) % (1 << 31))
         self.num_anchors, self.num_neighbors = num_anchors, num_neighbors
         self.smoothing, self.contribution, self.clamp = smoothing, contribution, clamp_contributions
         self.student_temp, self.keep = student_temp, anchor_keep_fraction
         self.anchor_mode, self.seed, self.objective_id, self.knn_chunk = anchor_mode, seed, objective_id, knn_chunk
         self.per_rank_anchors = per_rank_anchors
-        fixed = torch.randperm(memory_size, generator=torch.Generator().manual_seed(_seed(seed, objective_id)))
+        fixed = torch.randperm(memory_size, generator=torch.Generator().manual_seed(mix_seed(seed, objective_id)))
         self.register_buffer("fixed_anchors", fixed[:num_anchors].clone(), persistent=True)
 
     def anchors(self, step: int, task: int = 0) -> Tensor:
@@ -225,7 +220,7 @@ class _SOPObjective(nn.Module):
         if self.anchor_mode == "fixed":
             return self.fixed_anchors
         parts = (self.seed, step, task, self.objective_id) + ((current_rank(),) if self.per_rank_anchors else ())
-        g = torch.Generator().manual_seed(_seed(*parts))
+        g = torch.Generator().manual_seed(mix_seed(*parts))
         perm = torch.randperm(self.memory.size, generator=g)
         return perm[: self.num_anchors].to(self.memory.embeddings.device)
 
@@ -235,7 +230,7 @@ class _SOPObjective(nn.Module):
             self.contribution, self.clamp, self.knn_chunk,
         )  # fmt: skip
         if self.keep < 1.0:  # §3.5 code "low_energy": keep a uniformly random subset of the SOPs
-            g = torch.Generator().manual_seed(_seed(self.seed, step, task, self.objective_id, 1))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, step, task, self.objective_id, 1))
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device)
             sops = SOPs(sops.supports[kept], sops.contributions[kept])
