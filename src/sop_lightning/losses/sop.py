@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import rank as current_rank
-from ..seeding import mix_seed
 from ..memory import MemoryBank
+from ..seeding import mix_seed
 from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
 
