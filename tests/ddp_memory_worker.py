@@ -37,8 +37,9 @@ def lightning_fit(out: str, root: str) -> None:
     model = SOP(backbone="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, hidden_dim=32, out_dim=16,
                 img_size=28, patch_size=4, memory_size=64, patch_memory_size=32, num_anchors=8, num_neighbors=2,
                 num_patch_anchors=4)  # fmt: skip
+    L.seed_everything(0)  # the same seed on both ranks, without workers=True
     data = SSLDataModule(root=root, batch_size=3, num_workers=0, global_size=28, local_size=12, num_local=1,
-                         patch_size=4)  # fmt: skip
+                         patch_size=4, mask_ratio=0.3, mask_ratio_var=0.0)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, limit_train_batches=3,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[SaveBanks(out)])  # fmt: skip
@@ -48,6 +49,11 @@ def lightning_fit(out: str, root: str) -> None:
 class SaveBanks(L.Callback):
     def __init__(self, out):
         self.out = out
+        self.first_masks = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first_masks is None:
+            self.first_masks = batch.masks.clone()
 
     def on_train_end(self, trainer, pl_module):
         ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
@@ -55,7 +61,7 @@ class SaveBanks(L.Callback):
             {"cls": pl_module.sop_loss.memory.embeddings.clone(), "ptr": pl_module.sop_loss.memory.ptr.clone(),
              "patch": pl_module.sop_mim_loss.memory.embeddings.clone(), "step": trainer.global_step,
              "ddp": type(ddp).__name__, "ddp_broadcast_buffers": sorted(ddp.named_module_buffers),
-             "ddp_syncs_buffers": ddp.will_sync_module_buffers()},
+             "ddp_syncs_buffers": ddp.will_sync_module_buffers(), "first_masks": self.first_masks},
             os.path.join(self.out, f"fit_{trainer.global_rank}.pt"),
         )  # fmt: skip
 

@@ -140,3 +140,38 @@ data:
     cli = build_cli(["--config", str(config), "--trainer.max_steps", "1", "--trainer.logger", "false",
                 "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
     assert len(cli.datamodule.dataset) == 8 and cli.model.hparams.img_size == 32
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_augmentations_differ_across_ranks_and_epochs_and_repeat_for_the_same_ones(num_workers):
+    """Identical images, so the views differ only through the augmentation draws; every process is seeded
+    alike, as in DDP after ``seed_everything(0)`` without ``workers=True``."""
+    from types import SimpleNamespace
+
+    image = Image.fromarray(torch.arange(28 * 28).remainder(251).to(torch.uint8).view(28, 28).numpy())
+
+    def first_batch(rank: int, epoch: int = 0):
+        torch.manual_seed(0)
+        dm = SSLDataModule(dataset=[(image, 0)] * 8, batch_size=4, num_workers=num_workers, global_size=28,
+                           local_size=12, num_local=1, patch_size=4, mask_ratio=0.3, mask_ratio_var=0.0)  # fmt: skip
+        dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=epoch)
+        return next(iter(dm.train_dataloader()))
+
+    r0, r1, r0_again, r0_epoch1 = first_batch(0), first_batch(1), first_batch(0), first_batch(0, epoch=1)
+    for other in (r1, r0_epoch1):
+        assert not torch.equal(r0.views[0], other.views[0]) and not torch.equal(r0.masks, other.masks)
+    assert all(torch.equal(a, b) for a, b in zip(r0.views, r0_again.views)) and torch.equal(r0.masks, r0_again.masks)
+
+
+def test_augmentation_streams_leave_the_main_process_generator_alone():
+    from sop_lightning.data.seeding import AugmentationStreams
+
+    streams = AugmentationStreams(seed=3)
+    torch.manual_seed(0)
+    with streams.draws():
+        inside = torch.rand(2)
+    after = torch.rand(2)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(2))  # as if nothing had been drawn
+    with streams.draws():  # the stream continues where it stopped
+        assert not torch.equal(torch.rand(2), inside)

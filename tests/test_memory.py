@@ -113,3 +113,5 @@ def test_two_gloo_ranks_hold_identical_banks(fake_fmnist, tmp_path):
     assert f0["ddp"] == "DistributedDataParallel"
     assert not [name for name in f0["ddp_broadcast_buffers"] if "memory" in name], f0["ddp_broadcast_buffers"]
     assert f0["ddp_syncs_buffers"] is False
+    # seeded alike, the ranks still draw their own masks (and crops): the data module seeds by rank
+    assert f0["first_masks"].any() and not torch.equal(f0["first_masks"], f1["first_masks"])

@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..distributed import rank as distributed_rank
 from .datasets import ImageFolderDataset, IndexedDataset, TransformedDataset
 from .demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .masking import BlockMaskGenerator, MaskRatioSampler
+from .seeding import AugmentationStreams
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, eval_transform
 
 __all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataModule", "LabelledDataModule"]
@@ -108,6 +110,9 @@ class SSLDataModule(L.LightningDataModule):
             all-False masks (DINO).
         mask_shape: ``"block"`` or ``"rand"``.
         eval_resize_ratio: eval transform resizes to ``global_size·ratio`` then centre-crops.
+        seed: base seed of the augmentation streams. Whatever it is, every (rank, loader worker, epoch)
+            draws its own crops and masks (:class:`~sop_lightning.data.seeding.AugmentationStreams`), with
+            or without ``seed_everything(workers=True)``; ``None`` derives it from the process seed.
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class SSLDataModule(L.LightningDataModule):
         mask_shape: Literal["block", "rand"] = "block",
         eval_resize_ratio: float = 256 / 224,
         pin_memory: bool = True,
+        seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["dataset", "knn_train_dataset", "knn_val_dataset"])
@@ -163,6 +169,7 @@ class SSLDataModule(L.LightningDataModule):
             MaskRatioSampler(mask_ratio, mask_ratio_var),
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
+        self.augmentation_streams = AugmentationStreams(seed)
         self._train: Dataset | None = None
 
     @property
@@ -190,8 +197,16 @@ class SSLDataModule(L.LightningDataModule):
         self.setup("fit")
         if len(self._train) < self.batch_size:
             raise ValueError(f"the training set has {len(self._train)} images, fewer than batch_size={self.batch_size}")
-        data = TransformedDataset(self._train, self.transform, self.masks)
+        trainer = self.trainer
+        self.augmentation_streams.rank = trainer.global_rank if trainer is not None else distributed_rank()
+        self.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        data = TransformedDataset(self._train, self.transform, self.masks, self.augmentation_streams)
         return self._loader(data, collate_multicrop, shuffle=True, drop_last=True, batch_size=self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the augmentation streams of ``epoch`` (the methods call it at every epoch start; without it
+        the streams simply continue from epoch to epoch)."""
+        self.augmentation_streams.set_epoch(epoch)
 
     def knn_datasets(self) -> tuple[Dataset, Dataset]:
         """Labelled ``(train, val)`` splits under the eval transform (§11.1)."""

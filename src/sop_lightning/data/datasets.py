@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .seeding import AugmentationStreams
 
 __all__ = ["ImageFolderDataset", "TransformedDataset", "IndexedDataset", "IMG_EXTENSIONS"]
 
@@ -52,10 +55,17 @@ class ImageFolderDataset(Dataset):
 
 class TransformedDataset(Dataset):
     """Applies ``transform`` to the image of a ``(image, label)`` (or bare image) data set; an optional
-    ``extra`` callable adds per-sample items built in the worker (the masks)."""
+    ``extra`` callable adds per-sample items built in the worker (the masks). With ``streams``, the random
+    draws of both come from :class:`~sop_lightning.data.seeding.AugmentationStreams`."""
 
-    def __init__(self, dataset: Dataset, transform: Callable, extra: Callable | None = None):
-        self.dataset, self.transform, self.extra = dataset, transform, extra
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Callable,
+        extra: Callable | None = None,
+        streams: AugmentationStreams | None = None,
+    ):
+        self.dataset, self.transform, self.extra, self.streams = dataset, transform, extra, streams
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -63,10 +73,11 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int):
         item = self.dataset[index]
         image, label = item if isinstance(item, (tuple, list)) else (item, None)
-        out = self.transform(image)
-        if self.extra is None:
-            return out, label
-        return out, self.extra(), label
+        with nullcontext() if self.streams is None else self.streams.draws():
+            out = self.transform(image)
+            if self.extra is None:
+                return out, label
+            return out, self.extra(), label
 
 
 class IndexedDataset(Dataset):

@@ -163,6 +163,12 @@ class SelfDistillation(L.LightningModule):
     def on_fit_start(self) -> None:
         self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
 
+    def on_train_epoch_start(self) -> None:
+        # each epoch's augmentations come from streams seeded by (seed, rank, worker, epoch)
+        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.current_epoch)
+
     def on_fit_end(self) -> None:
         """Say so when training stops before the planned schedule ends (``max_time``, early stopping, a
         callback): lr, EMA momentum and teacher temperature then never reached their end values."""
