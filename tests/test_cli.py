@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sop_lightning.cli import build_cli, main
 
@@ -16,6 +17,24 @@ def test_print_config(config, capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "class_path: sop_lightning." in out
+    if "imagenet" in config.parts and not config.stem.startswith("linear"):
+        # k-NN monitoring at a bounded cost: every n epochs, ending on the last one, on fixed subsets
+        cfg = yaml.safe_load(out)
+        every, epochs = cfg["trainer"]["check_val_every_n_epoch"], cfg["trainer"]["max_epochs"]
+        assert every >= 5 and epochs % every == 0
+        data = cfg["data"]["init_args"]
+        assert 0 < data["knn_train_subset"] <= 200_000 and 0 < data["knn_val_subset"] <= 50_000
+
+
+def test_full_knn_evaluation_command_of_the_readme(capsys):
+    readme = (ROOT / "README.md").read_text()
+    overrides = ["--data.init_args.knn_train_subset", "null", "--data.init_args.knn_val_subset", "null"]
+    assert " ".join(overrides) in readme
+    config = ROOT / "experiments" / "imagenet" / "sop_vits16.yaml"
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", str(config), *overrides, "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["knn_train_subset"] is None and data["knn_val_subset"] is None
 
 
 @pytest.mark.parametrize("config", DEMO, ids=lambda p: p.stem)

@@ -175,3 +175,19 @@ def test_augmentation_streams_leave_the_main_process_generator_alone():
     assert torch.equal(after, torch.rand(2))  # as if nothing had been drawn
     with streams.draws():  # the stream continues where it stopped
         assert not torch.equal(torch.rand(2), inside)
+
+
+def test_knn_monitoring_subsets_are_fixed_and_cover_a_class_sorted_split():
+    images = [Image.new("RGB", (8, 8), (c * 20, 0, 0)) for c in range(10)]
+    sorted_split = [(images[c], c) for c in range(10) for _ in range(30)]  # like an ImageFolder: class after class
+
+    def subset():
+        dm = SSLDataModule(dataset=sorted_split, knn_val_dataset=sorted_split, knn_train_subset=40, knn_val_subset=20,
+                           global_size=8, local_size=8, patch_size=4, num_workers=0)  # fmt: skip
+        train, val = dm.knn_datasets()
+        return [train[i][1] for i in range(len(train))], [val[i][1] for i in range(len(val))]
+
+    (train, val), (train2, val2) = subset(), subset()
+    assert len(train) == 40 and len(val) == 20
+    assert len(set(train)) >= 8  # the first 40 images would hold 2 classes
+    assert (train, val) == (train2, val2)  # the same images at every validation (and on every rank)

@@ -78,6 +78,15 @@ def collate_labelled(samples: list) -> tuple[Tensor, ...]:
     return out
 
 
+def _fixed_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
+    """``size`` images drawn once without replacement (seeded, index order kept), or ``dataset`` itself."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if size is None or size >= n:
+        return dataset
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return Subset(dataset, keep.tolist())
+
+
 class _MaskSampler:
     """Draws the masks ``(num_views, H', W')`` of the global views of one image in the worker (§9.2–9.3);
     without a generator (masking off) they are all False, still of the real grid (API.md)."""
@@ -102,7 +111,9 @@ class SSLDataModule(L.LightningDataModule):
         knn_train_dataset, knn_val_dataset: labelled splits for k-NN evaluation (same forms as
             ``dataset``). For ``"fashion_mnist"`` they default to its train and test splits; for a
             labelled folder, ``knn_train_dataset`` defaults to that folder.
-        knn_train_subset, knn_val_subset: keep only the first n images of a k-NN split (quick monitoring).
+        knn_train_subset, knn_val_subset: monitor on a fixed random subset of n images of a k-NN split (the
+            same at every validation and on every rank, all classes represented even in a class-sorted
+            folder); ``None`` evaluates the whole split (the protocol of §11.1).
         batch_size: images per rank and step.
         global_size, local_size, num_local, global_scale, local_scale, blur_sigma: multi-crop (§9.1).
         patch_size: ViT patch size; with ``global_size`` it fixes the mask grid (linked to the model).
@@ -218,10 +229,8 @@ class SSLDataModule(L.LightningDataModule):
                 raise ValueError("knn_val_dataset is None: k-NN evaluation needs a labelled validation split")
             train = resolve_dataset(self.knn_train_dataset or self.dataset, self.root)
             val = resolve_dataset(self.knn_val_dataset, self.root)
-        if self.hparams.knn_train_subset is not None:
-            train = Subset(train, range(min(self.hparams.knn_train_subset, len(train))))
-        if self.hparams.knn_val_subset is not None:
-            val = Subset(val, range(min(self.hparams.knn_val_subset, len(val))))
+        train = _fixed_subset(train, self.hparams.knn_train_subset)
+        val = _fixed_subset(val, self.hparams.knn_val_subset)
         return TransformedDataset(train, self.eval_transform), TransformedDataset(val, self.eval_transform)
 
     def knn_dataloaders(self, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
