@@ -70,7 +70,7 @@ def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         return export_main(argv[1:])
-    build_cli(argv)
+    build_cli(args)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

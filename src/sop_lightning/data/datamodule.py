@@ -121,7 +121,7 @@ class SSLDataModule(L.LightningDataModule):
             all-False masks (DINO).
         mask_shape: ``"block"`` or ``"rand"``.
         eval_resize_ratio: eval transform resizes to ``global_size·ratio`` then centre-crops.
-        seed: base seed of the augmentation streams. Whatever it is, every (rank, loader worker, epoch)
+        augmentation_seed: base seed of the augmentation streams. Whatever it is, every (rank, loader worker, epoch)
             draws its own crops and masks (:class:`~sop_lightning.data.seeding.AugmentationStreams`), with
             or without ``seed_everything(workers=True)``; ``None`` derives it from the process seed.
     """
@@ -152,7 +152,7 @@ class SSLDataModule(L.LightningDataModule):
         mask_shape: Literal["block", "rand"] = "block",
         eval_resize_ratio: float = 256 / 224,
         pin_memory: bool = True,
-        seed: int | None = None,
+        augmentation_seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["dataset", "knn_train_dataset", "knn_val_dataset"])
@@ -180,7 +180,7 @@ class SSLDataModule(L.LightningDataModule):
             MaskRatioSampler(mask_ratio, mask_ratio_var),
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
-        self.augmentation_streams = AugmentationStreams(seed)
+        self.augmentation_streams = AugmentationStreams(augmentation_seed)
         self._train: Dataset | None = None
 
     @property
