@@ -174,7 +174,10 @@ class SelfDistillation(L.LightningModule):
         callback): lr, EMA momentum and teacher temperature then never reached their end values."""
         if not self.trainer.num_training_batches:
             return  # nothing was planned (limit_train_batches=0)
-        total, _ = self._schedule_length()
+        try:
+            total, _ = self._schedule_length()
+        except ValueError:
+            return  # no planned length (max_epochs = max_steps = -1) and no step ran
         step = self.trainer.global_step
         if step >= total:
             return
