@@ -265,3 +265,13 @@ def test_max_time_stop_mid_schedule_warns_with_step_and_plan(fake_fmnist):
         warnings.simplefilter("always")
         _trainer(limit_train_batches=4, limit_val_batches=0).fit(DINO(num_prototypes=32, **TINY), data)
     assert not [w for w in caught if "planned by the schedules" in str(w.message)]
+
+
+def test_momentum_teacher_end():
+    model = DINO(num_prototypes=32, momentum_teacher=0.9, momentum_teacher_end=0.5, **TINY)
+    model.set_schedule_length(4, 4)
+    expected = [0.5 + 0.5 * (0.9 - 0.5) * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert [model.momentum_at(i) for i in range(4)] == pytest.approx(expected)
+    assert DINO(num_prototypes=32, **TINY).hparams.momentum_teacher_end == 1.0  # the papers' default
+    with pytest.raises(ValueError, match=r"momentum_teacher_end must be in \[0.0, 1.0\], got 1.5"):
+        DINO(momentum_teacher_end=1.5, **TINY)

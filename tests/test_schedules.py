@@ -54,3 +54,18 @@ def test_epoch_warmup_with_a_start_epoch():
     got = [epoch_warmup_at(e, 0.04, 0.07, 4, start_epoch=3) for e in range(9)]
     expected = [0.04] * 3 + [0.04, 0.05, 0.06, 0.07] + [0.07] * 2  # ones(3)·0.04, linspace(0.04, 0.07, 4), ...
     assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("m0, m1, total", [(0.99, 1.0, 450), (0.9, 0.99, 37), (0.5, 0.5, 5)])
+def test_ema_profile_matches_a_brute_force_ema(m0, m1, total):
+    from sop_lightning.schedules import ema_profile
+
+    # EMA of one-hot "sources": index 0 the random start, index 1 + i the student after step i
+    teacher = [1.0] + [0.0] * total
+    for i in range(total):
+        m = m1 + 0.5 * (m0 - m1) * (1 + math.cos(math.pi * i / total))
+        teacher = [m * t for t in teacher]
+        teacher[1 + i] += 1 - m
+    centre = sum(i * w for i, w in enumerate(teacher[1:])) / sum(teacher[1:]) / total
+    initial, got_centre = ema_profile(m0, m1, total)
+    assert initial == pytest.approx(teacher[0], rel=1e-9) and got_centre == pytest.approx(centre, rel=1e-9)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["cosine_at", "cosine_schedule", "epoch_warmup_at"]
+__all__ = ["cosine_at", "cosine_schedule", "epoch_warmup_at", "ema_profile"]
 
 
 def cosine_at(
@@ -69,3 +69,23 @@ def epoch_warmup_at(epoch: int, start: float, final: float, warmup_epochs: int, 
     if warmup_epochs == 1:
         return float(start)
     return start + (final - start) * epoch / (warmup_epochs - 1)
+
+
+def ema_profile(momentum: float, momentum_end: float, total_steps: int) -> tuple[float, float]:
+    """How much of the final EMA teacher is still its random initialisation, and where in the run the
+    rest of its weights come from, for the momentum ``cosine(momentum, momentum_end, T)`` of §10.1.
+
+    After ``T`` updates ``ξ_T = (Π_i m_i) ξ_0 + Σ_i w_i θ_i`` with ``w_i = (1 − m_i) Π_{j>i} m_j``. Returns
+    ``(Π_i m_i, Σ_i w_i·i / (T·Σ_i w_i))``: the initialisation's share and the centre of the student
+    steps' weights as a fraction of the run. Choose the momenta so that the first is small (≲ 1 %) and
+    the second near the end of the run (published 100-epoch recipes: ≈ 0.9); a short run needs a lower
+    ``momentum_end`` than 1 (the teacher averages over the last ≈ ``1/(1 − m)`` steps).
+    """
+    m = cosine_schedule(momentum, momentum_end, total_steps)
+    after = torch.cat([torch.cumprod(m.flip(0), 0).flip(0)[1:], m.new_ones(1)])  # Π_{j>i} m_j
+    w = (1 - m) * after
+    initial = float(torch.prod(m))
+    if float(w.sum()) == 0.0:
+        return initial, 0.0
+    centre = float((w * torch.arange(total_steps, dtype=m.dtype)).sum() / w.sum()) / total_steps
+    return initial, centre

@@ -41,7 +41,10 @@ class SelfDistillation(L.LightningModule):
         out_dim: head bottleneck ``d`` (256); ``hidden_dim``: head MLP width (2048).
         base_lr: learning rate per 256 images (scaled by the global batch); ``min_lr``; ``warmup_epochs``.
         weight_decay → weight_decay_end: cosine, decayed group only (§8.5).
-        momentum_teacher: EMA momentum, → 1 by cosine.
+        momentum_teacher → momentum_teacher_end: EMA momentum of the teacher, cosine over the run (§10.1;
+            end 1.0 as in the papers). For a short run lower the end value so the final teacher is made of
+            trained students, not its random start: :func:`~sop_lightning.schedules.ema_profile` gives the
+            initialisation's share and the centre of the teacher's weights for a choice and a run length.
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: teacher temperature warm-up.
         student_temp: ``τ_s``.
         clip_grad: per-tensor gradient-norm clip (0 = off, §2 step 8).
@@ -75,6 +78,7 @@ class SelfDistillation(L.LightningModule):
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.4,
         momentum_teacher: float = 0.996,
+        momentum_teacher_end: float = 1.0,
         teacher_temp: float = 0.04,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 0,
@@ -89,6 +93,7 @@ class SelfDistillation(L.LightningModule):
         self.save_hyperparameters()
         _check_positive(base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim)
         _check_range("momentum_teacher", momentum_teacher, 0.0, 1.0)
+        _check_range("momentum_teacher_end", momentum_teacher_end, 0.0, 1.0)
         _check_range("drop_path_rate", drop_path_rate, 0.0, 1.0)
         if pred_start_epoch < 0:
             raise ValueError(f"pred_start_epoch must be >= 0, got {pred_start_epoch}")
@@ -212,7 +217,7 @@ class SelfDistillation(L.LightningModule):
 
     def momentum_at(self, step: int) -> float:
         total, _ = self._schedule_length()
-        return cosine_at(step, self.hparams.momentum_teacher, 1.0, total)
+        return cosine_at(step, self.hparams.momentum_teacher, self.hparams.momentum_teacher_end, total)
 
     def teacher_temp_at(self, step: int, final: float | None = None, start_epoch: int = 0) -> float:
         """``τ_t`` at ``step``: warm-up from ``warmup_teacher_temp`` to ``final`` (default
