@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from sop_lightning.data import (
     SSLDataModule,
     collate_multicrop,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fashion_mnist_reads_idx_files(fake_fmnist):
@@ -191,3 +194,61 @@ def test_knn_monitoring_subsets_are_fixed_and_cover_a_class_sorted_split():
     assert len(train) == 40 and len(val) == 20
     assert len(set(train)) >= 8  # the first 40 images would hold 2 classes
     assert (train, val) == (train2, val2)  # the same images at every validation (and on every rank)
+
+
+def _identity_free_views(**kw):
+    """Every random step off and a full-image crop: a view is the normalised image itself."""
+    args = dict(global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                solarize_prob=0.0, blur_probs=(0.0, 0.0, 0.0), mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    args.update(kw)
+    return MultiCropTransform(16, 16, 1, **args)
+
+
+def test_every_augmentation_probability_can_be_turned_off_and_on():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)
+    reference = (image.float() / 255 - 0.5) / 0.25
+    for view in _identity_free_views()(image):
+        torch.testing.assert_close(view, reference)
+    def same(a, b):
+        return torch.allclose(a, b, rtol=1.3e-6, atol=1e-5)  # float32 rounding of the normalisation
+
+    blurred = _identity_free_views(blur_probs=(1.0, 0.0, 0.0))(image)
+    assert not same(blurred[0], reference) and same(blurred[1], reference)
+    flipped = _identity_free_views(flip_prob=1.0)(image)[0]
+    torch.testing.assert_close(flipped, reference.flip(-1))
+    solarized = _identity_free_views(solarize_prob=1.0)(image)  # global 2 only
+    assert same(solarized[0], reference) and not same(solarized[1], reference)
+    with pytest.raises(ValueError, match=r"grayscale_prob must be a probability in \[0, 1\], got 1.5"):
+        MultiCropTransform(grayscale_prob=1.5)
+    with pytest.raises(ValueError, match=r"blur_probs\[2\] must be a probability"):
+        MultiCropTransform(blur_probs=(1.0, 0.1, -0.5))
+
+
+def test_blur_sigma_scaled_to_each_crop_size():
+    from torchvision.transforms import v2
+
+    def sigmas(t):
+        return [[m.sigma for m in view.transforms if isinstance(m, v2.RandomApply)
+                 for m in m.transforms if isinstance(m, v2.GaussianBlur)] for view in (t.global1, t.local)]  # fmt: skip
+
+    assert sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0))) == [[[0.1, 2.0]], [[0.1, 2.0]]]
+    scaled = sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0), blur_reference_size=224))
+    assert scaled[0][0] == pytest.approx([0.1 * 28 / 224, 2.0 * 28 / 224])
+    assert scaled[1][0] == pytest.approx([0.1 * 12 / 224, 2.0 * 12 / 224])
+    assert sigmas(MultiCropTransform(28, 12, 1, blur_probs=(0.0, 0.0, 0.0))) == [[], []]  # blur off: no step at all
+
+
+def test_augmentation_arguments_reach_the_data_module_from_the_cli(capsys):
+    import yaml
+
+    from sop_lightning.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "experiments" / "demo" / "sop.yaml"),
+              "--data.init_args.blur_probs", "[0, 0, 0]", "--data.init_args.solarize_prob", "0.1",
+              "--print_config"])  # fmt: skip
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["blur_probs"] == [0, 0, 0] and data["solarize_prob"] == 0.1
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_sigma", "blur_reference_size"):
+        assert name in data

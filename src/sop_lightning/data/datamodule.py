@@ -115,7 +115,10 @@ class SSLDataModule(L.LightningDataModule):
             same at every validation and on every rank, all classes represented even in a class-sorted
             folder); ``None`` evaluates the whole split (the protocol of §11.1).
         batch_size: images per rank and step.
-        global_size, local_size, num_local, global_scale, local_scale, blur_sigma: multi-crop (§9.1).
+        global_size, local_size, num_local, global_scale, local_scale: multi-crop (§9.1).
+        flip_prob, jitter, jitter_prob, grayscale_prob, blur_sigma, blur_probs, blur_reference_size,
+        solarize_prob: the per-view augmentations of :class:`MultiCropTransform` (blur probabilities for
+            global 1, global 2, locals; ``blur_reference_size`` scales ``blur_sigma`` to each crop's size).
         patch_size: ViT patch size; with ``global_size`` it fixes the mask grid (linked to the model).
         mask_ratio, mask_ratio_var: §9.3 (iBOT recipe ``[0, 0.3] ± [0, 0.2]``); ``masking=False`` gives
             all-False masks (DINO).
@@ -141,8 +144,14 @@ class SSLDataModule(L.LightningDataModule):
         num_local: int = 10,
         global_scale: tuple[float, float] = (0.25, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.25),
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        flip_prob: float = 0.5,
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_reference_size: int | None = None,
+        solarize_prob: float = 0.2,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         patch_size: int = 16,
@@ -171,7 +180,9 @@ class SSLDataModule(L.LightningDataModule):
         self.global_size, self.patch_size = global_size, patch_size
         self.transform = MultiCropTransform(
             global_size, local_size, num_local, global_scale, local_scale, mean, std,
-            jitter=jitter, blur_sigma=blur_sigma,
+            flip_prob=flip_prob, jitter=jitter, jitter_prob=jitter_prob, grayscale_prob=grayscale_prob,
+            blur_sigma=blur_sigma, blur_probs=blur_probs, solarize_prob=solarize_prob,
+            blur_reference_size=blur_reference_size,
         )  # fmt: skip
         grid = global_size // patch_size
         self.masks = _MaskSampler(

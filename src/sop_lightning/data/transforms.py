@@ -15,10 +15,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _blur(size: int, sigma: tuple[float, float], p: float) -> v2.Transform:
+def _blur(size: int, sigma: tuple[float, float], p: float, reference_size: int | None) -> list[v2.Transform]:
+    """Gaussian blur applied with probability ``p`` (none at all when ``p = 0``); ``sigma`` is in pixels, or
+    in pixels of a ``reference_size`` crop and scaled to this one."""
+    if p == 0:
+        return []
+    if reference_size is not None:
+        sigma = (sigma[0] * size / reference_size, sigma[1] * size / reference_size)
     # Kernel covers ±3σ of the widest blur, kept odd and no larger than the crop.
     kernel = min(2 * math.ceil(3 * sigma[1]) + 1, size if size % 2 else size - 1)
-    return v2.RandomApply([v2.GaussianBlur(max(kernel, 3), sigma=sigma)], p=p)
+    return [v2.RandomApply([v2.GaussianBlur(max(kernel, 3), sigma=sigma)], p=p)]
 
 
 class MultiCropTransform:
@@ -28,6 +34,11 @@ class MultiCropTransform:
     Gaussian blur (p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals) → solarisation (global 2,
     p=0.2) → normalise. Accepts a PIL image or an image tensor (uint8 or float in [0, 1]); a 1-channel
     image is repeated to 3 channels. Sizes are configurable, e.g. 28/12 px for the demo data.
+
+    Every probability is an argument (0 removes the step). ``blur_sigma`` is in pixels of each view, or,
+    with ``blur_reference_size=R``, in pixels of an ``R``-px crop and scaled to each view's size (``R = 224``
+    keeps DINO's blur relative to the crop on small images); ``blur_probs=(0, 0, 0)`` turns blur off, as
+    small-image recipes (CIFAR-size) do.
     """
 
     def __init__(
@@ -46,6 +57,7 @@ class MultiCropTransform:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5),
         solarize_prob: float = 0.2,
+        blur_reference_size: int | None = None,
     ):
         for name, value in (("global_size", global_size), ("local_size", local_size)):
             if value < 1:
@@ -55,6 +67,18 @@ class MultiCropTransform:
         for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        probs = {"flip_prob": flip_prob, "jitter_prob": jitter_prob, "grayscale_prob": grayscale_prob,
+                 "solarize_prob": solarize_prob}  # fmt: skip
+        probs.update({f"blur_probs[{i}]": p for i, p in enumerate(blur_probs)})
+        for name, value in probs.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if len(blur_probs) != 3:
+            raise ValueError(f"blur_probs must hold 3 probabilities (global 1, global 2, locals), got {blur_probs!r}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
+        if blur_reference_size is not None and blur_reference_size < 1:
+            raise ValueError(f"blur_reference_size must be >= 1 or None, got {blur_reference_size}")
         self.num_local = num_local
 
         def view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
@@ -66,7 +90,7 @@ class MultiCropTransform:
                 v2.RandomHorizontalFlip(flip_prob),
                 v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_prob),
                 v2.RandomGrayscale(grayscale_prob),
-                _blur(size, blur_sigma, blur_p),
+                *_blur(size, blur_sigma, blur_p, blur_reference_size),
             ]
             if solarize_p > 0:
                 steps.append(v2.RandomSolarize(0.5, p=solarize_p))
