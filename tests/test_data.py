@@ -210,6 +210,7 @@ def test_every_augmentation_probability_can_be_turned_off_and_on():
     reference = (image.float() / 255 - 0.5) / 0.25
     for view in _identity_free_views()(image):
         torch.testing.assert_close(view, reference)
+
     def same(a, b):
         return torch.allclose(a, b, rtol=1.3e-6, atol=1e-5)  # float32 rounding of the normalisation
 

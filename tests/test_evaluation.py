@@ -109,3 +109,35 @@ def test_knn_gathers_uneven_shards_across_two_ranks(tmp_path):
     r0 = json.loads((tmp_path / "knn_2_0.json").read_text())
     r1 = json.loads((tmp_path / "knn_2_1.json").read_text())
     assert single and single == r0 == r1
+
+
+def test_student_knn_is_logged_next_to_the_teacher(fake_fmnist):
+    model = DINO(num_prototypes=8, **TINY)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # teacher and student now embed differently
+    data = SSLDataModule(root=str(fake_fmnist), batch_size=4, num_workers=0, global_size=28, local_size=12,
+                         num_local=1, patch_size=4, eval_resize_ratio=1.0)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(model, data, verbose=False)[0]
+    model.eval()
+    train, val = data.knn_datasets()
+
+    def top1(backbone):  # brute-force weighted 20-NN vote (T = 0.07) on 20 train / 8 test images
+        with torch.no_grad():
+            feats = [[torch.nn.functional.normalize(backbone(torch.stack([d[i][0] for i in range(len(d))])).cls, dim=1)]
+                     for d in (train, val)]  # fmt: skip
+        (tr,), (te,) = feats
+        ytr, yte = [torch.tensor([d[i][1] for i in range(len(d))]) for d in (train, val)]
+        hits = 0
+        for q, y in zip(te, yte):
+            sims = tr @ q
+            scores = torch.zeros(10)
+            for j in sims.argsort(descending=True)[:20]:
+                scores[ytr[j]] += torch.exp(sims[j] / 0.07)
+            hits += int(scores.argmax() == y)
+        return 100 * hits / len(yte)
+
+    assert metrics["val/knn_student_top1"] == pytest.approx(top1(model.student.backbone))
+    assert metrics["val/knn_top1"] == pytest.approx(top1(model.teacher.backbone))
+    assert "val/knn_student_top5_k200" in metrics

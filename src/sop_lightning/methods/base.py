@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -319,9 +319,13 @@ class SelfDistillation(L.LightningModule):
         return self.teacher.backbone
 
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        """L2-normalised teacher [CLS] features ``(B, D)`` after the final norm (§11.1)."""
-        return F.normalize(self.teacher.backbone(images).cls.float(), dim=-1)
+    def embed(self, images: Tensor, network: Literal["teacher", "student"] = "teacher") -> Tensor:
+        """L2-normalised [CLS] features ``(B, D)`` after the final norm (§11.1), of the teacher (what the
+        papers evaluate) or the student."""
+        if network not in ("teacher", "student"):
+            raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
+        backbone = self.teacher.backbone if network == "teacher" else self.student.backbone
+        return F.normalize(backbone(images).cls.float(), dim=-1)
 
     def export_backbone(self, path: str | Path) -> dict[str, Any]:
         """Write the teacher backbone as a plain timm state dict; returns the ``timm.create_model``
