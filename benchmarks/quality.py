@@ -1,0 +1,288 @@
+"""Quality at an equal wall-clock budget on Fashion-MNIST (issue 9).
+
+Each method trains from its demo config (``experiments/demo/<method>.yaml``, the same ViT, crops and
+batch) for the same training wall-clock time: a short calibration fit measures seconds per step, and the
+run is planned for ``budget / (s/step)`` steps, so its schedules (lr, momentum, temperatures) end when the
+budget does. The teacher's weighted k-NN (ALGORITHMS.md §11.1: all 60k training images as neighbours, the
+10k test split, k = 20, T = 0.07) is measured at a few points and at the end; evaluation time is not part
+of the budget. One JSON per method lands in ``benchmarks/results/`` as soon as it completes, so long
+sessions can be split; ``--report`` turns them into ``docs/benchmarks.md`` and a PNG plot.
+
+Baselines on the same protocol: ``pixels`` (raw and centred pixels) and ``random_init`` (the demo ViT with
+its random initial weights, under the eval transform).
+
+Usage::
+
+    python benchmarks/quality.py --methods sop --budget 20            # one method per run (CPU: ~22 min)
+    python benchmarks/quality.py --methods pixels random_init         # the baseline rows
+    python benchmarks/quality.py --report                             # table + plot in docs/
+    python benchmarks/quality.py --methods dino --budget 0.2 --points 1 --knn-subset 200 --tag smoke
+
+``--set key=value`` passes LightningCLI overrides (``--set model.init_args.momentum_teacher_end=0.995``).
+Needs the ``bench`` extra for the plot (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from sop_lightning import KNNEvaluation, knn_classify
+from sop_lightning.cli import build_cli
+from sop_lightning.data import FashionMNIST
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+METHODS = {"sop": "SOP", "dino": "DINO", "ibot": "iBOT", "dino_vmf": "DINO-vMF", "ibot_vmf": "iBOT-vMF"}
+BASELINES = ("pixels", "random_init")
+COMMAND = "python benchmarks/quality.py"
+
+
+class StepClock(L.Callback):
+    """Training wall clock with validation time taken out, and the k-NN curve at every validation."""
+
+    def __init__(self, knn: KNNEvaluation):
+        self.knn, self.train_seconds, self.eval_seconds, self.curve = knn, 0.0, 0.0, []
+        self._since: float | None = None
+        self.step_times: list[float] = []
+
+    def _pause(self) -> None:
+        if self._since is not None:
+            self.train_seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.step_times.append(time.perf_counter())
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._pause()
+        self._eval_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.eval_seconds += time.perf_counter() - self._eval_start
+        fitting = trainer.state.fn == "fit"
+        m, self.knn.last_metrics = self.knn.last_metrics, {}
+        if m and fitting:
+            self.curve.append({"train_seconds": round(self.train_seconds, 1), "step": trainer.global_step,
+                               "top1": m["val/knn_top1"], "top5": m["val/knn_top5"]})  # fmt: skip
+        if fitting:
+            self._since = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._pause()
+
+
+def _cli_args(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None):
+    args = [
+        "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
+        "--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps), "--trainer.limit_train_batches", "null",
+        "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.val_check_interval", str(max(1, steps // max(points, 1))), "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", f"{method}_{tag}",
+    ]  # fmt: skip
+    if subset:
+        args += ["--data.init_args.knn_train_subset", str(subset), "--data.init_args.knn_val_subset", str(subset)]
+    for item in extra:
+        key, _, value = item.partition("=")
+        args += [f"--{key}", value]
+    return args
+
+
+def _build(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None):
+    sys.argv = sys.argv[:1]
+    cli = build_cli(_cli_args(method, steps, points, root, tag, extra, subset), run=False)
+    knn = KNNEvaluation(student=False)
+    clock = StepClock(knn)
+    cli.trainer.callbacks.extend([knn, clock])
+    return cli, knn, clock
+
+
+def seconds_per_step(method: str, root: Path, extra: list[str], steps: int = 30) -> float:
+    """Median training step time of a short fit (the first steps warm up)."""
+    cli, _, clock = _build(method, steps, 0, root, "calibration", extra + ["trainer.limit_val_batches=0"], None)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    skip = min(5, steps // 2)
+    gaps = [b - a for a, b in zip(clock.step_times[skip:], clock.step_times[skip + 1 :])]
+    return sorted(gaps)[len(gaps) // 2]
+
+
+def machine() -> dict:
+    threads = torch.get_num_threads()
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+            "torch": torch.__version__, "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available()
+            else "cpu"}  # fmt: skip
+
+
+def run_method(method: str, args: argparse.Namespace) -> dict:
+    root = ROOT / "runs" / "quality"
+    per_step = seconds_per_step(method, root, args.set, args.calibration_steps)
+    steps = max(1, int(args.budget * 60 / per_step))
+    L.seed_everything(0)
+    cli, knn, clock = _build(method, steps, args.points, root, args.tag, args.set, args.knn_subset)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    knn.student = True
+    final = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+    wall = time.perf_counter() - start
+    if not clock.curve or clock.curve[-1]["step"] != cli.trainer.global_step:
+        clock.curve.append({"train_seconds": round(clock.train_seconds, 1), "step": cli.trainer.global_step,
+                            "top1": final["val/knn_top1"], "top5": final["val/knn_top5"]})  # fmt: skip
+    batch = cli.datamodule.batch_size
+    ckpt = root / f"{method}_{args.tag}.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    return {
+        "method": method, "name": METHODS[method], "tag": args.tag, "budget_minutes": args.budget,
+        "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
+        "train_seconds": round(clock.train_seconds, 1), "eval_seconds": round(clock.eval_seconds, 1),
+        "wall_seconds": round(wall, 1),
+        "images_per_second": round(cli.trainer.global_step * batch / clock.train_seconds, 1),
+        "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
+        "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
+        "knn_subset": args.knn_subset, "overrides": args.set, "checkpoint": str(ckpt.relative_to(ROOT)),
+        "command": COMMAND, "machine": machine(),
+    }  # fmt: skip
+
+
+def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
+    out = []
+    if "pixels" in which:
+        root = {"root": args.root} if args.root else {}
+        train, test = FashionMNIST(split="train", **root), FashionMNIST(split="test", **root)
+        xtr, ytr = train.images.flatten(1).float() / 255, train.targets
+        xte, yte = test.images.flatten(1).float() / 255, test.targets
+        mean = xtr.mean(0)
+        for name, a, b in (("raw pixels", xtr, xte), ("raw pixels, centred", xtr - mean, xte - mean)):
+            scores = knn_classify(a, ytr, b, k=20, temperature=0.07, num_classes=10)
+            top = scores.topk(5, dim=1).indices
+            out.append({"method": "pixels", "name": name, "top1": (top[:, 0] == yte).float().mean().item() * 100,
+                        "top5": (top == yte[:, None]).any(1).float().mean().item() * 100})  # fmt: skip
+    if "random_init" in which:
+        L.seed_everything(0)
+        cli, knn, _ = _build("sop", 1, 1, ROOT / "runs" / "quality", "random_init", args.set, args.knn_subset)
+        m = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+        out.append({"method": "random_init", "name": "random init (demo ViT)", "top1": m["val/knn_top1"],
+                    "top5": m["val/knn_top5"]})  # fmt: skip
+    for row in out:
+        row.update({"command": COMMAND, "machine": machine()})
+    return out
+
+
+def _device_tag(result: dict) -> str:
+    return "gpu" if result["machine"]["device"].startswith("cuda") else "cpu"
+
+
+def save(result: dict, results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    if result["method"] in BASELINES:
+        name = re.sub(r"[^a-z0-9]+", "_", result["name"].lower()).strip("_")
+    else:
+        name = f"{result['method']}_{result.get('tag', 'main')}"
+    path = results / f"quality_{_device_tag(result)}_{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
+    """``docs/benchmarks.md`` (quality section) and ``docs/quality_<device>.png`` from the saved results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("quality_*.json"))]
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for device in ("cpu", "gpu"):
+        group = [r for r in rows if _device_tag(r) == device and r.get("tag", "main") == "main"]
+        if not group:
+            continue
+        where = group[0]["machine"]
+        lines += [f"### {device.upper()}: {where['device']}, {where['platform']}, {where['cpu_count']} cores", "",
+                  "| method | k-NN top-1 | top-5 | steps | images/s | training time | wall time (incl. eval) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        order = list(BASELINES) + list(METHODS)
+        for r in sorted(group, key=lambda r: (order.index(r["method"]), r["name"])):
+            if r["method"] in BASELINES:
+                lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | | | | |")
+            else:
+                lines.append(f"| {r['name']} | **{r['top1']:.2f}** | {r['top5']:.2f} | {r['steps']} | "
+                             f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | "
+                             f"{r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+        commands = sorted({r["command"] for r in group})
+        lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in group:
+            if r["method"] in BASELINES:
+                ax.axhline(r["top1"], ls="--", lw=0.8, color="gray")
+                ax.text(0, r["top1"], r["name"], fontsize=7, va="bottom")
+            elif r["curve"]:
+                ax.plot([p["train_seconds"] / 60 for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
+                        label=r["name"])  # fmt: skip
+        ax.set_xlabel("training time (min)")
+        ax.set_ylabel("k-NN top-1 (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(docs / f"quality_{device}.png", dpi=120)
+        lines += [f"![k-NN top-1 against training time, {device}](quality_{device}.png)", ""]
+    section = "\n".join(lines)
+    doc = docs / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
+    block = f"{start}\n{section}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n## Quality at equal wall-clock budget (Fashion-MNIST)\n\n" + block + "\n"
+    doc.write_text(text)
+    print(section)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=[], choices=[*METHODS, *BASELINES])
+    parser.add_argument("--budget", type=float, default=20.0, help="training minutes per method")
+    parser.add_argument("--points", type=int, default=4, help="k-NN evaluations during training")
+    parser.add_argument("--knn-subset", type=int, default=None, help="quick probes only: k-NN on n/n images")
+    parser.add_argument("--set", action="append", default=[], help="LightningCLI override key=value")
+    parser.add_argument("--tag", default="main", help="result name suffix; only 'main' enters the report")
+    parser.add_argument("--calibration-steps", type=int, default=30, help="steps timed to plan the budget")
+    parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where --report writes benchmarks.md and the plot")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args(argv)
+    global COMMAND
+    COMMAND = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if args.root:
+        args.set = [f"data.init_args.root={args.root}", *args.set]
+    baselines = [m for m in args.methods if m in BASELINES]
+    for row in run_baselines(baselines, args) if baselines else []:
+        print(json.dumps({k: row[k] for k in ("name", "top1", "top5")}), "->", save(row, args.results))
+    for method in (m for m in args.methods if m in METHODS):
+        result = run_method(method, args)
+        print(json.dumps({k: result[k] for k in ("name", "top1", "top5", "steps", "images_per_second")}),
+              "->", save(result, args.results))  # fmt: skip
+    if args.report:
+        report(args.results, args.docs)
+    if not args.methods and not args.report:
+        parser.error("nothing to do: give --methods and/or --report")
+
+
+if __name__ == "__main__":
+    main()

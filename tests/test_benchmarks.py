@@ -1,0 +1,29 @@
+"""The quality benchmark runs end to end for a moment (it is a benchmark, not a test of quality)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--methods", "pixels", "sop", "--budget", "0.03",
+           "--points", "1", "--calibration-steps", "4", "--root", str(fake_fmnist), "--results", str(results),
+           "--docs", str(docs), "--report",
+           "--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
+           "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
+           "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
+           "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
+           "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sop = json.loads((results / "quality_cpu_sop_main.json").read_text())
+    assert sop["steps"] >= 1 and sop["curve"] and 0 <= sop["top1"] <= 100 and sop["images_per_second"] > 0
+    assert (results / "quality_cpu_raw_pixels_centred.json").exists()
+    text = (docs / "benchmarks.md").read_text()
+    assert "| SOP |" in text and "raw pixels" in text and (docs / "quality_cpu.png").exists()
