@@ -19,14 +19,14 @@ def raw_bank(rank: int, world: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from sop_lightning.memory import MemoryBank
 
-    bank = MemoryBank(10, 3, seed=100 + rank)  # deliberately different start
+    bank = MemoryBank(10, 3, seed=100 + rank, track_indices=True)  # deliberately different start
     bank.broadcast_(0)
     start = bank.embeddings.clone()
     history = []
     for step in range(4):  # 3 rows per rank per step: 6 rows/step on a 10-row bank -> wraps
         rows = torch.full((3, 3), float(100 * step + 10 * rank)) + torch.arange(3.0).view(3, 1)
-        bank.enqueue(rows)
-        history.append((bank.embeddings.clone(), bank.ptr.clone()))
+        bank.enqueue(rows, rows[:, 0].long())  # each row's "image index" is its value
+        history.append((bank.embeddings.clone(), bank.ptr.clone(), bank.indices.clone()))
     torch.save({"start": start, "history": history}, os.path.join(out, f"raw_{rank}.pt"))
     dist.destroy_process_group()
 

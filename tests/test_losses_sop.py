@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities
+from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities, sop_rows
 
 
 def _unit(*shape, seed=0):
@@ -48,6 +48,7 @@ def test_build_sops_matches_brute_force_neighbours():
             torch.testing.assert_close(sops.supports[j, i], memory[r])
             assert float(sops.contributions[j, i]) == pytest.approx(min(max(s, 0.0), 1.0), abs=1e-6)
         assert float(sops.contributions[j, 0]) == pytest.approx(0.9)
+        assert sop_rows(memory, anchors, k, chunk_size=3)[j].tolist() == [a] + [r for _, r in cos]
 
 
 def test_contribution_modes_and_clamp():

@@ -97,13 +97,15 @@ def test_two_gloo_ranks_hold_identical_banks(fake_fmnist, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"raw_{r}.pt") for r in (0, 1))
     assert torch.equal(r0["start"], r1["start"])  # broadcast from rank 0
     ref, ptr = r0["start"].clone(), 0
-    for step, ((e0, p0), (e1, p1)) in enumerate(zip(r0["history"], r1["history"])):
-        assert torch.equal(e0, e1) and torch.equal(p0, p1)
+    for step, ((e0, p0, i0), (e1, p1, i1)) in enumerate(zip(r0["history"], r1["history"])):
+        assert torch.equal(e0, e1) and torch.equal(p0, p1) and torch.equal(i0, i1)
         rows = [torch.full((3,), float(100 * step + 10 * rank)) + i for rank in (0, 1) for i in range(3)]
         for i, row in enumerate(rows):  # rank-major, wrapping around the 10-row bank
             ref[(ptr + i) % 10] = row
         ptr = (ptr + 6) % 10
         assert torch.equal(e0, ref) and int(p0) == ptr
+        written = [i for i in range(10) if not torch.equal(ref[i], r0["start"][i])]
+        assert torch.equal(i0[written], ref[written, 0].long())  # the indices travel with their rows
     f0, f1 = (torch.load(tmp_path / f"fit_{r}.pt") for r in (0, 1))
     assert f0["step"] == f1["step"] == 3
     assert int(f0["ptr"]) == 3 * 3 * 2  # 3 steps x 3 images x 2 ranks
@@ -115,3 +117,39 @@ def test_two_gloo_ranks_hold_identical_banks(fake_fmnist, tmp_path):
     assert f0["ddp_syncs_buffers"] is False
     # seeded alike, the ranks still draw their own masks (and crops): the data module seeds by rank
     assert f0["first_masks"].any() and not torch.equal(f0["first_masks"], f1["first_masks"])
+
+
+def test_track_indices_follow_the_rows_through_wrap_around_and_checkpoints():
+    bank = MemoryBank(5, 2, track_indices=True)
+    assert bank.indices.tolist() == [-1] * 5
+    reference = [-1] * 5
+    ptr = 0
+    for step, ids in enumerate(([10, 11, 12], [20, 21], [30, 31, 32])):
+        bank.enqueue(torch.randn(len(ids), 2), torch.tensor(ids) if step != 1 else None)  # step 1: unknown images
+        for i, idx in enumerate(ids):
+            reference[(ptr + i) % 5] = idx if step != 1 else -1
+        ptr = (ptr + len(ids)) % 5
+    assert bank.indices.tolist() == reference == [30, 31, 32, -1, -1]
+    restored = MemoryBank(5, 2, track_indices=True)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.indices, bank.indices)
+    assert not hasattr(MemoryBank(5, 2), "indices") and "indices" not in MemoryBank(5, 2).state_dict()
+    with pytest.raises(ValueError, match=r"indices must have shape \(3,\)"):
+        bank.enqueue(torch.randn(3, 2), torch.tensor([1, 2]))
+
+
+def test_sop_banks_keep_the_dataset_index_of_each_row(fake_fmnist, tmp_path):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch.indices.clone())
+
+    model = SOP(img_size=28, patch_size=4, track_indices=True, **TINY_SOP)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_train_batches=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[Spy()])  # fmt: skip
+    trainer.fit(model, _data(fake_fmnist))
+    images = torch.cat(seen)  # 2 steps x 4 images, in loader order
+    assert images.unique().numel() == 8 and int(images.max()) < 20
+    for bank in (model.sop_loss.memory, model.sop_mim_loss.memory):  # view 2 / one patch per image
+        assert bank.indices[:8].tolist() == images.tolist() and (bank.indices[8:] == -1).all()

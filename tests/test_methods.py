@@ -60,7 +60,7 @@ def test_sop_queues_teacher_rows_of_view_two(fake_fmnist):
         teacher = model.teacher(batch.views[:2], return_patches=True)
         student = model.student(batch.views, masks=masks, return_patches=True)
     model.compute_losses(student, teacher, masks, 0.04)
-    (cls_bank, cls_rows), (patch_bank, patch_rows) = model.pop_memory_updates()
+    (cls_bank, cls_rows, cls_images), (patch_bank, patch_rows, patch_images) = model.pop_memory_updates()
     assert cls_bank is model.sop_loss.memory and patch_bank is model.sop_mim_loss.memory
     torch.testing.assert_close(cls_rows, teacher.cls[4:8])  # B = 4: rows 4..7 are global view 2
     for b in range(4):  # each patch row is one of the image's own view-2 patch embeddings

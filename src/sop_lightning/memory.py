@@ -21,9 +21,13 @@ class MemoryBank(nn.Module):
     :meth:`enqueue` all-gathers the rows of every rank (rank-major), writes them at ``ptr`` and wraps
     around the end, so any global batch ``≤ size`` is stored whole. :meth:`broadcast_` copies rank 0's
     state to every rank (called once at the start of training).
+
+    With ``track_indices=True`` one more persistent buffer, ``indices`` ``(size,)``, keeps the data-set
+    index of the image each row came from (-1: an initial random row or an unknown image), all-gathered
+    and checkpointed like the rows, so one can ask which images make up a region of the bank.
     """
 
-    def __init__(self, size: int, dim: int, seed: int = 0):
+    def __init__(self, size: int, dim: int, seed: int = 0, track_indices: bool = False):
         super().__init__()
         if size < 1:
             raise ValueError(f"memory size must be >= 1, got {size}")
@@ -35,16 +39,21 @@ class MemoryBank(nn.Module):
         # enqueue counter and, per row, the counter value when it was written (-1: initial random row)
         self.register_buffer("num_enqueued", torch.zeros((), dtype=torch.long))
         self.register_buffer("written_at", torch.full((size,), -1, dtype=torch.long))
-        self.size, self.dim = size, dim
+        if track_indices:
+            self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        self.size, self.dim, self.track_indices = size, dim, track_indices
 
     def __len__(self) -> int:
         return self.size
 
     @torch.no_grad()
-    def enqueue(self, x: Tensor) -> None:
-        """Append the rows ``x`` ``(b, dim)`` of this rank and of every other rank (no gradient)."""
+    def enqueue(self, x: Tensor, indices: Tensor | None = None) -> None:
+        """Append the rows ``x`` ``(b, dim)`` of this rank and of every other rank (no gradient);
+        ``indices`` ``(b,)``: their images' data-set indices, kept when the bank tracks them."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"enqueue expects embeddings of shape (b, {self.dim}), got {tuple(x.shape)}")
+        if indices is not None and indices.shape != x.shape[:1]:
+            raise ValueError(f"indices must have shape ({x.shape[0]},) like the rows, got {tuple(indices.shape)}")
         world = dist.get_world_size() if is_distributed() else 1
         if x.shape[0] * world > self.size:
             raise ValueError(
@@ -59,6 +68,12 @@ class MemoryBank(nn.Module):
         if first < n:
             self.embeddings[: n - first] = rows[first:]
             self.written_at[: n - first] = self.num_enqueued
+        if self.track_indices:
+            local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device) if indices is None else indices
+            ids = all_gather_cat(local.to(device=x.device, dtype=torch.long))
+            self.indices[start : start + first] = ids[:first]
+            if first < n:
+                self.indices[: n - first] = ids[first:]
         self.ptr.fill_((start + n) % self.size)
         self.num_enqueued.add_(1)
 
@@ -70,7 +85,7 @@ class MemoryBank(nn.Module):
     def broadcast_(self, src: int = 0) -> None:
         """Make every rank hold rank ``src``'s memory and pointer."""
         if is_distributed():
-            for buffer in (self.embeddings, self.ptr, self.num_enqueued, self.written_at):
+            for buffer in self.buffers():
                 dist.broadcast(buffer, src)
 
     def extra_repr(self) -> str:

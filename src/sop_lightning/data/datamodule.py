@@ -4,7 +4,7 @@ for k-NN evaluation (ARCHITECTURE.md, ALGORITHMS.md §9)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -26,11 +26,13 @@ __all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataMo
 class MultiCropBatch:
     """One training batch. ``views``: ``V`` tensors ``(B, 3, h, w)``, globals first; ``masks``: bool
     ``(2, B, H', W')`` for the global views (True = masked; all False when masking is off);
-    ``labels``: ``(B,)`` or ``None`` for unlabelled data."""
+    ``labels``: ``(B,)`` or ``None`` for unlabelled data; ``indices``: ``(B,)`` data-set index of each
+    image (what memory banks with ``track_indices`` keep), or ``None``."""
 
     views: list[Tensor]
     masks: Tensor
     labels: Tensor | None = None
+    indices: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -41,10 +43,11 @@ class MultiCropBatch:
             [v.pin_memory() for v in self.views],
             self.masks.pin_memory(),
             None if self.labels is None else self.labels.pin_memory(),
+            None if self.indices is None else self.indices.pin_memory(),
         )
 
     def __iter__(self):  # allows `views, masks, labels = batch`
-        return iter(getattr(self, f.name) for f in fields(self))
+        return iter((self.views, self.masks, self.labels))
 
 
 def _labels(labels: Sequence[int | None]) -> Tensor | None:
@@ -62,10 +65,11 @@ def resolve_dataset(source: str | Dataset, root: str, split: Literal["train", "t
 
 
 def collate_multicrop(samples: list) -> MultiCropBatch:
-    """``[(views, masks (2,H',W'), label), ...]`` → :class:`MultiCropBatch` (view-major)."""
+    """``[(views, masks (2,H',W'), label[, index]), ...]`` → :class:`MultiCropBatch` (view-major)."""
     views = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
     masks = torch.stack([s[1] for s in samples], dim=1)
-    return MultiCropBatch(views, masks, _labels([s[2] for s in samples]))
+    indices = torch.as_tensor([s[3] for s in samples], dtype=torch.long) if len(samples[0]) > 3 else None
+    return MultiCropBatch(views, masks, _labels([s[2] for s in samples]), indices)
 
 
 def collate_labelled(samples: list) -> tuple[Tensor, ...]:

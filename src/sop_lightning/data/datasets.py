@@ -55,7 +55,8 @@ class ImageFolderDataset(Dataset):
 
 class TransformedDataset(Dataset):
     """Applies ``transform`` to the image of a ``(image, label)`` (or bare image) data set; an optional
-    ``extra`` callable adds per-sample items built in the worker (the masks). With ``streams``, the random
+    ``extra`` callable adds per-sample items built in the worker (the masks), and then the sample's index
+    comes last: ``(views, extra, label, index)``. With ``streams``, the random
     draws of both come from :class:`~sop_lightning.data.seeding.AugmentationStreams`."""
 
     def __init__(
@@ -77,7 +78,7 @@ class TransformedDataset(Dataset):
             out = self.transform(image)
             if self.extra is None:
                 return out, label
-            return out, self.extra(), label
+            return out, self.extra(), label, index
 
 
 class IndexedDataset(Dataset):

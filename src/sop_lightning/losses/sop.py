@@ -19,7 +19,7 @@ from ..seeding import mix_seed
 from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
 
-__all__ = ["SOPs", "build_sops", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
+__all__ = ["SOPs", "build_sops", "sop_rows", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
 
 Contribution = Literal["soft", "onehot", "uniform"]
 _TINY = torch.finfo(torch.float32).tiny
@@ -31,6 +31,48 @@ class SOPs(NamedTuple):
 
     supports: Tensor
     contributions: Tensor
+
+
+def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int) -> None:
+    if memory.ndim != 2:
+        raise ValueError(f"memory must be (M, d), got {tuple(memory.shape)}")
+    M, K = memory.shape[0], anchor_idx.numel()
+    if K < 2:
+        raise ValueError(f"the number of anchors K must be >= 2, got {K}")
+    if K > M:
+        raise ValueError(f"the number of anchors K={K} exceeds the memory size {M}")
+    if not 0 <= num_neighbors <= M - K:
+        raise ValueError(
+            f"num_neighbors={num_neighbors} must be in [0, memory size - anchors = {M - K}] (k >= bank size)"
+        )
+
+
+def _neighbours(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2)."""
+    K = anchor_idx.numel()
+    if num_neighbors == 0:
+        return memory.new_zeros(K, 0), anchor_idx.new_zeros(K, 0)
+    anchors = memory[anchor_idx]
+    is_anchor = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
+    is_anchor[anchor_idx] = True
+    pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
+    pool_t = memory[pool_idx].T.contiguous()  # (d, M - K); one copy, no masking pass over K x M
+    scores_list, idx_list = [], []
+    for start in range(0, K, chunk_size):
+        s, i = (anchors[start : start + chunk_size] @ pool_t).topk(num_neighbors, dim=1)
+        scores_list.append(s)
+        idx_list.append(pool_idx[i])
+    return torch.cat(scores_list), torch.cat(idx_list)
+
+
+@torch.no_grad()
+def sop_rows(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int = 1024) -> Tensor:
+    """The memory rows ``(K, k+1)`` that make up each SOP: column 0 the anchor, then its neighbours by
+    descending cosine — the rows whose embeddings :func:`build_sops` stacks as supports (§3.2)."""
+    _check_sop_sizes(memory, anchor_idx, num_neighbors)
+    with torch.autocast(device_type=memory.device.type, enabled=False):
+        _, idx = _neighbours(at_least_fp32(memory.detach()), anchor_idx, num_neighbors, chunk_size)
+    return torch.cat([anchor_idx.view(-1, 1), idx], dim=1)
 
 
 @torch.no_grad()
@@ -50,17 +92,8 @@ def build_sops(
     step 5): ``"soft"`` anchor ``1-ε``, neighbour its cosine; ``"onehot"`` all 1; ``"uniform"`` all
     ``1-ε``; clamped into ``[0, 1]`` when ``clamp``. No gradient flows into the memory.
     """
-    if memory.ndim != 2:
-        raise ValueError(f"memory must be (M, d), got {tuple(memory.shape)}")
-    M, K = memory.shape[0], anchor_idx.numel()
-    if K < 2:
-        raise ValueError(f"the number of anchors K must be >= 2, got {K}")
-    if K > M:
-        raise ValueError(f"the number of anchors K={K} exceeds the memory size {M}")
-    if not 0 <= num_neighbors <= M - K:
-        raise ValueError(
-            f"num_neighbors={num_neighbors} must be in [0, memory size - anchors = {M - K}] (k >= bank size)"
-        )
+    _check_sop_sizes(memory, anchor_idx, num_neighbors)
+    K = anchor_idx.numel()
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     if contribution not in ("soft", "onehot", "uniform"):
@@ -68,21 +101,8 @@ def build_sops(
     with torch.autocast(device_type=memory.device.type, enabled=False):
         memory = at_least_fp32(memory.detach())
         anchors = memory[anchor_idx]
-        if num_neighbors == 0:
-            supports = anchors.unsqueeze(1)
-            scores = anchors.new_zeros(K, 0)
-        else:
-            is_anchor = torch.zeros(M, dtype=torch.bool, device=memory.device)
-            is_anchor[anchor_idx] = True
-            pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
-            pool_t = memory[pool_idx].T.contiguous()  # (d, M - K); one copy, no masking pass over K x M
-            scores_list, idx_list = [], []
-            for start in range(0, K, chunk_size):
-                s, i = (anchors[start : start + chunk_size] @ pool_t).topk(num_neighbors, dim=1)
-                scores_list.append(s)
-                idx_list.append(pool_idx[i])
-            scores, idx = torch.cat(scores_list), torch.cat(idx_list)
-            supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
+        scores, idx = _neighbours(memory, anchor_idx, num_neighbors, chunk_size)
+        supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
         if contribution == "soft":
             contributions = torch.cat([scores.new_full((K, 1), 1.0 - smoothing), scores], dim=1)
         elif contribution == "onehot":
@@ -184,6 +204,7 @@ class _SOPObjective(nn.Module):
         objective_id: int,
         knn_chunk: int,
         per_rank_anchors: bool = False,
+        track_indices: bool = False,
     ):
         super().__init__()
         if num_anchors < 2:
@@ -204,7 +225,9 @@ class _SOPObjective(nn.Module):
             raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
         if student_temp <= 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.memory = MemoryBank(memory_size, dim, seed=mix_seed(seed, objective_id, -1) % (1 << 31))
+        self.memory = MemoryBank(
+            memory_size, dim, seed=mix_seed(seed, objective_id, -1) % (1 << 31), track_indices=track_indices
+        )
         self.num_anchors, self.num_neighbors = num_anchors, num_neighbors
         self.smoothing, self.contribution, self.clamp = smoothing, contribution, clamp_contributions
         self.student_temp, self.keep = student_temp, anchor_keep_fraction
@@ -260,10 +283,12 @@ class SOPLoss(_SOPObjective):
         seed: int = 0,
         knn_chunk: int = 1024,
         per_rank_anchors: bool = False,
+        track_indices: bool = False,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
             anchor_keep_fraction, anchor_mode, clamp_contributions, seed, 0, knn_chunk, per_rank_anchors,
+            track_indices,
         )  # fmt: skip
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -306,10 +331,11 @@ class SOPMIMLoss(_SOPObjective):
         seed: int = 0,
         knn_chunk: int = 1024,
         per_rank_anchors: bool = False,
+        track_indices: bool = False,
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,
-            anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors,
+            anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors, track_indices,
         )  # fmt: skip
 
     def forward(self, student: Tensor, teacher: Tensor, masks: Tensor, teacher_temp: float, step: int) -> Tensor:

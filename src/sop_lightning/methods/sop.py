@@ -32,6 +32,8 @@ class SOP(SelfDistillation):
         per_rank_anchors: draw different anchors on each rank (default: the same SOPs on every rank).
         enqueue_views: teacher global view(s) whose [CLS] rows enter the memory.
         patch_enqueue: ``"random_one"`` (any patch) or ``"random_masked_one"`` per image of view 2.
+        track_indices: the banks also keep each row's data-set index (``MemoryBank(track_indices=True)``),
+            so :func:`~sop_lightning.evaluation.visualize.sop_members` can show which images make up a SOP.
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: τ_t 0.04 → 0.07 over 30 epochs,
             per iteration, shared by both losses.
         **kwargs: the shared training arguments of :class:`SelfDistillation`.
@@ -60,6 +62,7 @@ class SOP(SelfDistillation):
         per_rank_anchors: bool = False,
         enqueue_views: Literal["second", "first", "both"] = "second",
         patch_enqueue: Literal["random_one", "random_masked_one"] = "random_one",
+        track_indices: bool = False,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 30,
@@ -81,17 +84,20 @@ class SOP(SelfDistillation):
         self.sop_loss = SOPLoss(
             memory_size, d, num_anchors, num_neighbors, smoothing, contribution, hp.student_temp, num_tasks,
             anchor_keep_fraction, anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors,
+            track_indices=track_indices,
         )  # fmt: skip
         self.sop_mim_loss = SOPMIMLoss(
             patch_memory_size, d, num_patch_anchors, num_patch_neighbors, smoothing, contribution, hp.student_temp,
-            anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors,
+            anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors, track_indices=track_indices,
         )  # fmt: skip
-        self._memory_updates: list[tuple[MemoryBank, Tensor]] = []
+        self._memory_updates: list[tuple[MemoryBank, Tensor, Tensor]] = []
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [*super().configure_callbacks(), MemoryEnqueue()]
 
-    def pop_memory_updates(self) -> list[tuple[MemoryBank, Tensor]]:
+    def pop_memory_updates(self) -> list[tuple[MemoryBank, Tensor, Tensor]]:
+        """The step's ``(bank, rows (b, d), images (b,))``: each row with the position in the batch of the
+        image it came from (the enqueue callback maps positions to data-set indices)."""
         updates, self._memory_updates = self._memory_updates, []
         return updates
 
@@ -126,5 +132,9 @@ class SOP(SelfDistillation):
             pos = torch.multinomial(weights, 1).squeeze(1)
         else:
             pos = torch.randint(0, n, (patches.shape[0],), device=patches.device)
-        patch_rows = patches[torch.arange(patches.shape[0], device=patches.device), pos]
-        self._memory_updates = [(self.sop_loss.memory, cls_rows), (self.sop_mim_loss.memory, patch_rows)]
+        images = torch.arange(patches.shape[0], device=patches.device)
+        patch_rows = patches[images, pos]
+        self._memory_updates = [
+            (self.sop_loss.memory, cls_rows, images.repeat(len(views))),
+            (self.sop_mim_loss.memory, patch_rows, images),
+        ]
