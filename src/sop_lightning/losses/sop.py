@@ -33,12 +33,12 @@ class SOPs(NamedTuple):
     contributions: Tensor
 
 
-def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int) -> None:
+def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min_anchors: int) -> None:
     if memory.ndim != 2:
         raise ValueError(f"memory must be (M, d), got {tuple(memory.shape)}")
     M, K = memory.shape[0], anchor_idx.numel()
-    if K < 2:
-        raise ValueError(f"the number of anchors K must be >= 2, got {K}")
+    if K < min_anchors:
+        raise ValueError(f"the number of anchors K must be >= {min_anchors}, got {K}")
     if K > M:
         raise ValueError(f"the number of anchors K={K} exceeds the memory size {M}")
     if not 0 <= num_neighbors <= M - K:
@@ -69,7 +69,7 @@ def _neighbours(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_si
 def sop_rows(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int = 1024) -> Tensor:
     """The memory rows ``(K, k+1)`` that make up each SOP: column 0 the anchor, then its neighbours by
     descending cosine — the rows whose embeddings :func:`build_sops` stacks as supports (§3.2)."""
-    _check_sop_sizes(memory, anchor_idx, num_neighbors)
+    _check_sop_sizes(memory, anchor_idx, num_neighbors, min_anchors=1)
     with torch.autocast(device_type=memory.device.type, enabled=False):
         _, idx = _neighbours(at_least_fp32(memory.detach()), anchor_idx, num_neighbors, chunk_size)
     return torch.cat([anchor_idx.view(-1, 1), idx], dim=1)
@@ -92,7 +92,7 @@ def build_sops(
     step 5): ``"soft"`` anchor ``1-ε``, neighbour its cosine; ``"onehot"`` all 1; ``"uniform"`` all
     ``1-ε``; clamped into ``[0, 1]`` when ``clamp``. No gradient flows into the memory.
     """
-    _check_sop_sizes(memory, anchor_idx, num_neighbors)
+    _check_sop_sizes(memory, anchor_idx, num_neighbors, min_anchors=2)  # a softmax over K >= 2 regions
     K = anchor_idx.numel()
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
