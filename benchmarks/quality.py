@@ -128,11 +128,13 @@ def machine() -> dict:
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
-    root = ROOT / "runs" / "quality"
-    per_step = seconds_per_step(method, root, args.set, args.calibration_steps)
+    root = args.runs
+    # SOP keeps each bank row's image index for the SOP pictures (no effect on training)
+    extra = [*args.set, "model.init_args.track_indices=true"] if method == "sop" else args.set
+    per_step = seconds_per_step(method, root, extra, args.calibration_steps)
     steps = max(1, int(args.budget * 60 / per_step))
     L.seed_everything(0)
-    cli, knn, clock = _build(method, steps, args.points, root, args.tag, args.set, args.knn_subset)
+    cli, knn, clock = _build(method, steps, args.points, root, args.tag, extra, args.knn_subset)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     knn.student = True
@@ -144,6 +146,12 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     batch = cli.datamodule.batch_size
     ckpt = root / f"{method}_{args.tag}.ckpt"
     cli.trainer.save_checkpoint(ckpt)
+    if method == "sop" and args.tag == "main":  # pictures of the trained SOP for docs/benchmarks.md
+        from sop_lightning.evaluation import show_retrievals, show_sops
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+        show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
+        show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
         "method": method, "name": METHODS[method], "tag": args.tag, "budget_minutes": args.budget,
         "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
@@ -152,7 +160,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "images_per_second": round(cli.trainer.global_step * batch / clock.train_seconds, 1),
         "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
-        "knn_subset": args.knn_subset, "overrides": args.set, "checkpoint": str(ckpt.relative_to(ROOT)),
+        "knn_subset": args.knn_subset, "overrides": args.set, "checkpoint": os.path.relpath(ckpt, ROOT),
         "command": COMMAND, "machine": machine(),
     }  # fmt: skip
 
@@ -172,7 +180,7 @@ def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
                         "top5": (top == yte[:, None]).any(1).float().mean().item() * 100})  # fmt: skip
     if "random_init" in which:
         L.seed_everything(0)
-        cli, knn, _ = _build("sop", 1, 1, ROOT / "runs" / "quality", "random_init", args.set, args.knn_subset)
+        cli, knn, _ = _build("sop", 1, 1, args.runs, "random_init", args.set, args.knn_subset)
         m = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
         out.append({"method": "random_init", "name": "random init (demo ViT)", "top1": m["val/knn_top1"],
                     "top5": m["val/knn_top5"]})  # fmt: skip
@@ -239,6 +247,11 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         fig.tight_layout()
         fig.savefig(docs / f"quality_{device}.png", dpi=120)
         lines += [f"![k-NN top-1 against training time, {device}](quality_{device}.png)", ""]
+        if (docs / f"retrievals_{device}.png").exists():
+            lines += ["Nearest training images of test images (teacher features of the SOP run; row: query label and "
+                      "how many of the 8 neighbours share it):", "", f"![retrievals](retrievals_{device}.png)", "",
+                      "SOPs of the trained [CLS] bank: an anchor and the images of its nearest bank rows "
+                      "(`SOP(track_indices=True)`, `show_sops`):", "", f"![SOPs](sops_{device}.png)", ""]  # fmt: skip
     section = "\n".join(lines)
     doc = docs / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
@@ -263,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-steps", type=int, default=30, help="steps timed to plan the budget")
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="logs and checkpoints")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where --report writes benchmarks.md and the plot")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     results, docs = tmp_path / "results", tmp_path / "docs"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--methods", "pixels", "sop", "--budget", "0.03",
            "--points", "1", "--calibration-steps", "4", "--root", str(fake_fmnist), "--results", str(results),
-           "--docs", str(docs), "--report",
+           "--docs", str(docs), "--runs", str(tmp_path / "runs"), "--report",
            "--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
            "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
            "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
@@ -27,3 +27,4 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert (results / "quality_cpu_raw_pixels_centred.json").exists()
     text = (docs / "benchmarks.md").read_text()
     assert "| SOP |" in text and "raw pixels" in text and (docs / "quality_cpu.png").exists()
+    assert (docs / "retrievals_cpu.png").exists() and (docs / "sops_cpu.png").exists() and "![SOPs]" in text

@@ -21,6 +21,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "top-1" in outputs and "->" in outputs
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert len(images) == 2  # the retrievals and the SOPs
     assert os.path.isdir(tmp_path / "runs" / "notebook")
 
 
