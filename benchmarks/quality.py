@@ -131,8 +131,11 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     root = args.runs
     # SOP keeps each bank row's image index for the SOP pictures (no effect on training)
     extra = [*args.set, "model.init_args.track_indices=true"] if method == "sop" else args.set
-    per_step = seconds_per_step(method, root, extra, args.calibration_steps)
-    steps = max(1, int(args.budget * 60 / per_step))
+    if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
+        per_step, steps = float("nan"), args.steps
+    else:
+        per_step = seconds_per_step(method, root, extra, args.calibration_steps)
+        steps = max(1, int(args.budget * 60 / per_step))
     L.seed_everything(0)
     cli, knn, clock = _build(method, steps, args.points, root, args.tag, extra, args.knn_subset)
     start = time.perf_counter()
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], help="LightningCLI override key=value")
     parser.add_argument("--tag", default="main", help="result name suffix; only 'main' enters the report")
     parser.add_argument("--calibration-steps", type=int, default=30, help="steps timed to plan the budget")
+    parser.add_argument("--steps", type=int, default=None, help="probes: plan this many steps instead of a budget")
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="logs and checkpoints")
