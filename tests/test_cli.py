@@ -55,4 +55,4 @@ def test_two_step_fit_of_demo_config(config, fake_fmnist, tmp_path):
     ckpts = list(Path(tmp_path).rglob("*.ckpt"))
     assert ckpts
     # linked data facts reached the model
-    assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 4
+    assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 7
