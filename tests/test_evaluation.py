@@ -50,7 +50,8 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
              "--model.init_args.num_anchors", "8", "--model.init_args.num_patch_anchors", "4",
              "--model.init_args.depth", "1", "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2",
              "--model.init_args.hidden_dim", "32"]  # fmt: skip
-    fit = build_cli(["fit", *common, *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
+    fit = build_cli(["fit", *common, *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                     "--trainer.check_val_every_n_epoch", "1"])  # fmt: skip
     fit_top1 = float(fit.trainer.callback_metrics["val/knn_top1"])
     ckpt = next(Path(tmp_path).rglob("*.ckpt"))
     val = build_cli(["validate", *common, *small, "--ckpt_path", str(ckpt)])
@@ -59,7 +60,7 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
     out = tmp_path / "exported.pth"
     assert main(["export", "--ckpt_path", str(ckpt), "--output", str(out)]) == 0
     state = torch.load(out)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=4, embed_dim=32, depth=1,
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=7, embed_dim=32, depth=1,
                             num_heads=2)  # fmt: skip
     vit.load_state_dict(state, strict=True)
     torch.testing.assert_close(state["pos_embed"], fit.model.teacher.backbone.vit.pos_embed.detach())

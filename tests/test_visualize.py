@@ -28,6 +28,7 @@ def test_nearest_images_match_brute_force():
 
 @pytest.fixture
 def trained_sop(fake_fmnist):
+    L.seed_everything(0)
     model = SOP(track_indices=True, **TINY_SOP)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_train_batches=4, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
@@ -39,9 +40,10 @@ def test_sop_members_are_the_images_of_the_anchor_and_its_nearest_rows(trained_s
     bank = trained_sop.sop_loss.memory
     members = sop_members(trained_sop, num_sops=3, num_neighbors=4, seed=1)
     assert members.shape == (3, 5) and (members[:, 0] >= 0).all()
-    for row in members.tolist():
-        anchor = int((bank.indices == row[0]).nonzero()[0])  # each image enters the bank once here (16 of 20)
-        others = [r for r in range(bank.size) if r != anchor]
+    # each image enters the bank once here (16 of 20); as in build_sops, no anchor is another's neighbour
+    anchors = [int((bank.indices == row[0]).nonzero()[0]) for row in members.tolist()]
+    for row, anchor in zip(members.tolist(), anchors):
+        others = [r for r in range(bank.size) if r not in anchors]
         cos = sorted(((float(bank.embeddings[anchor] @ bank.embeddings[r]), r) for r in others), reverse=True)[:4]
         assert row[1:] == [int(bank.indices[r]) for _, r in cos]
     with pytest.raises(ValueError, match="track_indices=True"):
