@@ -109,7 +109,9 @@ class ViTBackbone(nn.Module):
                 raise ValueError("mask given but this backbone has no mask token (mask_token=False)")
             if mask.shape != t.shape[:3]:
                 raise ValueError(
-                    f"mask of shape {tuple(mask.shape)} does not match the patch grid {tuple(t.shape[:3])}"
+                    f"mask of shape {tuple(mask.shape)} does not match the patch grid {tuple(t.shape[:3])} of the "
+                    f"input: the data module's global_size / patch_size must give the model's grid (patch_size="
+                    f"{self.patch_size[0]}); the CLI links them, in Python pass the same patch_size to both"
                 )
             t = torch.where(mask.unsqueeze(-1), self.mask_token.to(t.dtype), t)
         t = vit._pos_embed(t)

@@ -56,12 +56,63 @@ def _labels(labels: Sequence[int | None]) -> Tensor | None:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
-def resolve_dataset(source: str | Dataset, root: str, split: Literal["train", "test"] = "train") -> Dataset:
+def resolve_dataset(
+    source: str | Dataset,
+    root: str,
+    split: Literal["train", "test"] = "train",
+    on_bad_image: Literal["raise", "skip"] = "raise",
+    name: str = "dataset",
+) -> Dataset:
     """``"fashion_mnist"`` → the demo split under ``root``; another string → an image folder; a ``Dataset``
-    is returned as it is."""
+    is returned as it is. An empty data set is an error naming the argument ``name``."""
     if isinstance(source, str):
-        return FashionMNIST(root, split) if source == "fashion_mnist" else ImageFolderDataset(source)
+        if source == "fashion_mnist":
+            return FashionMNIST(root, split)
+        return ImageFolderDataset(source, on_bad_image=on_bad_image)
+    try:
+        n = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        return source  # no length: nothing to check here
+    if n == 0:
+        raise ValueError(f"{name}={type(source).__name__} is empty: it has no images")
     return source
+
+
+def _image_side(image) -> int | None:
+    """Shorter side in pixels of a PIL image, a tensor ``(..., H, W)`` or an array ``(H, W[, C])``."""
+    if hasattr(image, "size") and isinstance(getattr(image, "size", None), tuple):
+        return min(image.size)
+    if isinstance(image, Tensor) and image.ndim >= 2:
+        return min(image.shape[-2:])
+    shape = getattr(image, "shape", None)
+    return min(shape[:2]) if shape is not None and len(shape) >= 2 else None
+
+
+def check_image_size(dataset: Dataset, crop: int, name: str = "dataset", samples: int = 8) -> None:
+    """Refuse, before training, a data set whose images are smaller than the crop they are trained at
+    (CIFAR images under a 224-px ImageNet config): up to ``samples`` seeded images are read and their
+    median shorter side compared with ``crop``. Single small images (ImageNet has a few) do not trigger it:
+    ``RandomResizedCrop`` upsamples them as in the papers."""
+    n = len(dataset)  # type: ignore[arg-type]
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(samples, n)].tolist()
+    sides = []
+    header = getattr(dataset, "image_side", None)  # image folders: read the size from the header only
+    for i in picks:
+        if callable(header):
+            side = header(i)
+        else:
+            item = dataset[i]
+            side = _image_side(item[0] if isinstance(item, (tuple, list)) else item)
+        if side is not None:
+            sides.append(side)
+    if sides:
+        median = sorted(sides)[len(sides) // 2]
+        if median < crop:
+            raise ValueError(
+                f"the images of {name} are smaller than the crop: median shorter side {median} px < global_size="
+                f"{crop} (of {len(sides)} sampled images); set global_size (and local_size, patch_size) to the "
+                "data, or pass allow_upscale=True to train on upsampled images"
+            )
 
 
 def collate_multicrop(samples: list) -> MultiCropBatch:
@@ -131,6 +182,10 @@ class SSLDataModule(L.LightningDataModule):
         augmentation_seed: base seed of the augmentation streams. Whatever it is, every (rank, loader worker, epoch)
             draws its own crops and masks (:class:`~sop_lightning.data.seeding.AugmentationStreams`), with
             or without ``seed_everything(workers=True)``; ``None`` derives it from the process seed.
+        on_bad_image: an unreadable file in an image folder: ``"raise"`` (an error naming its path) or
+            ``"skip"`` (warn, use the next readable image, count them in ``data/skipped_images``).
+        allow_upscale: train on images smaller than ``global_size`` (upsampled); by default such a data set is
+            refused at setup (a config for another resolution), judged on the median of a few images.
     """
 
     def __init__(
@@ -166,9 +221,13 @@ class SSLDataModule(L.LightningDataModule):
         eval_resize_ratio: float = 256 / 224,
         pin_memory: bool = True,
         augmentation_seed: int | None = None,
+        on_bad_image: Literal["raise", "skip"] = "raise",
+        allow_upscale: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["dataset", "knn_train_dataset", "knn_val_dataset"])
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if patch_size < 1 or global_size % patch_size:
@@ -205,7 +264,17 @@ class SSLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
-            self._train = resolve_dataset(self.dataset, self.root)
+            train = resolve_dataset(self.dataset, self.root, on_bad_image=self.hparams.on_bad_image)
+            if not self.hparams.allow_upscale and hasattr(train, "__len__"):
+                check_image_size(train, self.global_size, f"dataset={_describe(self.dataset)}")
+            self._train = train
+
+    @property
+    def skipped_images(self) -> int | None:
+        """Unreadable training images skipped so far (``on_bad_image="skip"``), else ``None``."""
+        if self.hparams.on_bad_image != "skip" or self._train is None:
+            return None
+        return int(getattr(self._train, "skipped_images", 0))
 
     def _loader(self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -222,7 +291,10 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         if len(self._train) < self.batch_size:
-            raise ValueError(f"the training set has {len(self._train)} images, fewer than batch_size={self.batch_size}")
+            raise ValueError(
+                f"dataset={_describe(self.dataset)} has {len(self._train)} images, fewer than batch_size="
+                f"{self.batch_size} (the last incomplete batch is dropped, so no step would run)"
+            )
         trainer = self.trainer
         self.augmentation_streams.rank = trainer.global_rank if trainer is not None else distributed_rank()
         self.set_epoch(trainer.current_epoch if trainer is not None else 0)
@@ -242,8 +314,9 @@ class SSLDataModule(L.LightningDataModule):
         else:
             if self.knn_val_dataset is None:
                 raise ValueError("knn_val_dataset is None: k-NN evaluation needs a labelled validation split")
-            train = resolve_dataset(self.knn_train_dataset or self.dataset, self.root)
-            val = resolve_dataset(self.knn_val_dataset, self.root)
+            bad, source = self.hparams.on_bad_image, self.knn_train_dataset or self.dataset
+            train = resolve_dataset(source, self.root, "train", bad, "knn_train_dataset")
+            val = resolve_dataset(self.knn_val_dataset, self.root, "test", bad, "knn_val_dataset")
         train = _fixed_subset(train, self.hparams.knn_train_subset)
         val = _fixed_subset(val, self.hparams.knn_val_subset)
         return TransformedDataset(train, self.eval_transform), TransformedDataset(val, self.eval_transform)
@@ -262,6 +335,10 @@ class SSLDataModule(L.LightningDataModule):
         return list(self.knn_dataloaders())
 
 
+def _describe(source: str | Dataset) -> str:
+    return repr(source) if isinstance(source, str) else type(source).__name__
+
+
 class LabelledDataModule(L.LightningDataModule):
     """Supervised data for the linear probe (§11.2): ``RandomResizedCrop`` + flip for training, the eval
     transform for validation; batches ``(images, labels)``.
@@ -272,6 +349,7 @@ class LabelledDataModule(L.LightningDataModule):
         global_size: crop size (named like :class:`SSLDataModule`'s so the CLI links it to the model);
         patch_size: the model's patch size (linked likewise).
         train_scale: ``RandomResizedCrop`` scale.
+        on_bad_image: an unreadable file in an image folder: ``"raise"`` (default, names the path) or ``"skip"``.
     """
 
     def __init__(
@@ -288,6 +366,7 @@ class LabelledDataModule(L.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         eval_resize_ratio: float = 256 / 224,
         train_subset: int | None = None,
+        on_bad_image: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
         from torchvision.transforms import InterpolationMode, v2
@@ -297,6 +376,9 @@ class LabelledDataModule(L.LightningDataModule):
         if global_size % patch_size:
             raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
         self.dataset, self.val_dataset, self.root = dataset, val_dataset, root or DEFAULT_FASHION_MNIST_ROOT
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         self.batch_size, self.num_workers, self.train_subset = batch_size, num_workers, train_subset
         self.global_size, self.patch_size = global_size, patch_size
         self.train_transform = v2.Compose(
@@ -318,7 +400,7 @@ class LabelledDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        train = resolve_dataset(self.dataset, self.root, "train")
+        train = resolve_dataset(self.dataset, self.root, "train", self.on_bad_image)
         if self.train_subset is not None:
             train = Subset(train, range(min(self.train_subset, len(train))))
         return self._loader(TransformedDataset(train, self.train_transform), shuffle=True)
@@ -328,5 +410,8 @@ class LabelledDataModule(L.LightningDataModule):
         if source is None:
             raise ValueError("val_dataset is None: the linear probe needs a labelled validation split")
         return self._loader(
-            TransformedDataset(resolve_dataset(source, self.root, "test"), self.eval_transform), shuffle=False
+            TransformedDataset(
+                resolve_dataset(source, self.root, "test", self.on_bad_image, "val_dataset"), self.eval_transform
+            ),
+            shuffle=False,
         )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .seeding import AugmentationStreams
 
-__all__ = ["ImageFolderDataset", "TransformedDataset", "IndexedDataset", "IMG_EXTENSIONS"]
+__all__ = ["ImageFolderDataset", "TransformedDataset", "IndexedDataset", "UnreadableImageError", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -20,11 +23,21 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
 
 
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot decode (corrupt, truncated, not an image)."""
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root``: class sub-folders (labels = sorted folder index) or a flat folder
-    (labels ``None``). Items are ``(PIL RGB image, label)``."""
+    (labels ``None``). Items are ``(PIL RGB image, label)``.
 
-    def __init__(self, root: str):
+    ``on_bad_image``: ``"raise"`` stops at an unreadable file with an error naming its path; ``"skip"``
+    warns and returns the next readable image instead (so batches keep their size) and counts the skipped
+    files in :attr:`skipped_images`, shared by the loader workers."""
+
+    def __init__(self, root: str, on_bad_image: Literal["raise", "skip"] = "raise"):
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         path = Path(root)
         if not path.is_dir():
             raise ValueError(f"root={str(root)!r} is not a directory")
@@ -43,14 +56,47 @@ class ImageFolderDataset(Dataset):
                 f"root={str(root)!r} contains no images ({', '.join(IMG_EXTENSIONS)}) directly or in class sub-folders"
             )
         self.root, self.samples, self.classes = str(root), samples, classes
+        self.on_bad_image = on_bad_image
+        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # counted in every worker
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable files skipped so far (``on_bad_image="skip"``), over all loader workers."""
+        return int(self._skipped)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def image_side(self, index: int) -> int | None:
+        """Shorter side of image ``index`` from its header alone (no decoding); ``None`` if unreadable."""
+        try:
+            with Image.open(self.samples[index][0]) as img:
+                return min(img.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+
+    def _read(self, index: int):
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise UnreadableImageError(
+                f"cannot read image {str(path)!r} ({type(err).__name__}: {err}); fix or remove the file, or pass "
+                "on_bad_image='skip'"
+            ) from err
+
+    def __getitem__(self, index: int):
+        if self.on_bad_image == "raise":
+            return self._read(index)
+        n = len(self.samples)
+        for offset in range(n):  # the next readable image stands in, so the batch keeps its size
+            try:
+                return self._read((index + offset) % n)
+            except UnreadableImageError as err:
+                self._skipped += 1
+                warnings.warn(f"{err.args[0].split('; ')[0]}: skipped (on_bad_image='skip')", stacklevel=2)
+        raise UnreadableImageError(f"none of the {n} images under root={self.root!r} can be read")
 
 
 class TransformedDataset(Dataset):

@@ -24,7 +24,7 @@ def teacher_backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
 def export_checkpoint_backbone(ckpt_path: str | Path, output: str | Path) -> dict[str, Any]:
     """Write the teacher backbone of a method checkpoint to ``output``; returns the
     ``timm.create_model`` keyword arguments that rebuild the architecture."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only
     state = teacher_backbone_state_dict(ckpt["state_dict"])
     hp = ckpt.get("hyper_parameters", {})
     kwargs: dict[str, Any] = {"model_name": hp.get("backbone", "vit_small_patch16_224"), "num_classes": 0}

@@ -76,7 +76,7 @@ class LinearProbe(L.LightningModule):
     def load_backbone(self, path: str) -> None:
         if not Path(path).is_file():
             raise ValueError(f"checkpoint={path!r} is not a file")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
         state = teacher_backbone_state_dict(obj["state_dict"]) if "state_dict" in obj else obj
         self.backbone.vit.load_state_dict(state, strict=True)
 

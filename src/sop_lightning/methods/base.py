@@ -29,7 +29,7 @@ from ..losses.vmf import vmf_bias
 from ..network import Embeddings, SSLNetwork, make_teacher
 from ..schedules import cosine_at, epoch_warmup_at
 
-__all__ = ["SelfDistillation"]
+__all__ = ["SelfDistillation", "check_checkpoint_fits", "schedule_length"]
 
 
 class SelfDistillation(L.LightningModule):
@@ -160,6 +160,14 @@ class SelfDistillation(L.LightningModule):
         return [name for name, _ in self.named_buffers() if not name.startswith(("student.", "teacher."))]
 
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self._trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if stage == "fit" and precision in ("bf16-true", "16-true", "bf16", "16"):
+            raise ValueError(
+                f"precision={precision!r} keeps the teacher in half precision, where the EMA update "
+                f"(1 - m)·(student - teacher) with 1 - m <= {1 - self.hparams.momentum_teacher:.3g} falls below the "
+                "resolution of the weights (bf16: 8 bits of mantissa) and the teacher stops moving; use "
+                "precision='bf16-mixed' (or '16-mixed' on a GPU): the weights stay fp32, the matmuls run in half"
+            )
         # DDP(broadcast_buffers=True) would resend these from rank 0 before every forward (~72 MB of SOP
         # banks at the paper sizes) although they are identical by construction (§5); student and teacher
         # buffers, if a backbone has any, are still broadcast.
@@ -173,6 +181,19 @@ class SelfDistillation(L.LightningModule):
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        if skipped is not None:  # on_bad_image="skip": reads skipped so far, summed over ranks
+            self.log("data/skipped_images", float(skipped), reduce_fx="sum", sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sop_lightning"] = {"method": type(self).__name__}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another method or of another architecture with an error that names the
+        difference, before Lightning's strict load reports a list of missing keys."""
+        check_checkpoint_fits(self, checkpoint)
 
     def on_fit_end(self) -> None:
         """Say so when training stops before the planned schedule ends (``max_time``, early stopping, a
@@ -287,8 +308,15 @@ class SelfDistillation(L.LightningModule):
             student = Embeddings(*(None if s is None else s.float() for s in student))
             losses = self.compute_losses(student, teacher, masks, temp)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; stopping the run")
+        finite = torch.stack([torch.isfinite(v).all() for v in losses.values()])
+        if not bool(finite.all()):  # one host sync; raised before backward, optimizer step, EMA and checkpoint
+            bad = [(k, float(v.detach())) for (k, v), ok in zip(losses.items(), finite.tolist()) if not ok]
+            terms = ", ".join(f"{k}={v}" for k, v in bad)
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (epoch {self.current_epoch}): {terms}. Training stopped before "
+                "this step's update; the checkpoints already written are untouched (resume from the last one with a "
+                "lower base_lr, a smaller clip_grad or bf16-mixed instead of 16-mixed)"
+            )
         log = {f"train/{k}": v.detach() for k, v in losses.items()}
         log.update({"train/lr": lr, "train/weight_decay": wd, "train/teacher_temp": temp,
                     "train/momentum": self.momentum_at(step)})  # fmt: skip
@@ -335,6 +363,39 @@ class SelfDistillation(L.LightningModule):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
         return backbone.timm_kwargs()
+
+
+def check_checkpoint_fits(model: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when ``checkpoint`` was written by another method than ``model``'s or holds
+    tensors of other shapes (another ``embed_dim``, ``patch_size``, bank size, ...), naming the method,
+    the differing tensors and the hyper-parameters that differ."""
+    method = checkpoint.get("sop_lightning", {}).get("method")
+    if method is not None and method != type(model).__name__:
+        raise ValueError(
+            f"the checkpoint was written by {method}, not {type(model).__name__}: load it with the config of a "
+            f"{method} (class_path sop_lightning.{method}) and the architecture it was trained with"
+        )
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    own = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in own.items()
+                if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if not (problems or missing or unexpected):
+        return
+    saved = checkpoint.get("hyper_parameters", {})
+    differ = [f"{k}={saved[k]!r} (checkpoint) vs {v!r} (model)" for k, v in model.hparams.items()
+              if k in saved and saved[k] != v and not callable(v)]  # fmt: skip
+    lines = problems[:5] + [f"missing from the checkpoint: {k}" for k in missing[:3]]
+    lines += [f"not in the model: {k}" for k in unexpected[:3]]
+    raise ValueError(
+        f"the checkpoint does not fit this {type(model).__name__} (another configuration): "
+        + "; ".join(lines)
+        + (f". Hyper-parameters that differ: {', '.join(differ)}" if differ else "")
+        + ". Use the config the checkpoint was trained with."
+    )
 
 
 def schedule_length(trainer: L.Trainer) -> tuple[int, int]:

@@ -95,6 +95,20 @@ class SOP(SelfDistillation):
     def configure_callbacks(self) -> list[L.Callback]:
         return [*super().configure_callbacks(), MemoryEnqueue()]
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Refuse, before the first update, a global batch that would overfill a bank in one enqueue."""
+        b = batch.batch_size * self.trainer.world_size
+        views = 2 if self.hparams.enqueue_views == "both" else 1
+        for name, size, rows in (("memory_size", self.hparams.memory_size, b * views),
+                                 ("patch_memory_size", self.hparams.patch_memory_size, b)):  # fmt: skip
+            if rows > size:
+                raise ValueError(
+                    f"{name}={size} is smaller than the rows one step enqueues ({rows} = batch_size "
+                    f"{batch.batch_size} x {self.trainer.world_size} ranks"
+                    + (" x 2 views" if rows > b else "")
+                    + f"): use {name} >= {rows} or a smaller batch_size"
+                )
+
     def pop_memory_updates(self) -> list[tuple[MemoryBank, Tensor, Tensor]]:
         """The step's ``(bank, rows (b, d), images (b,))``: each row with the position in the batch of the
         image it came from (the enqueue callback maps positions to data-set indices)."""
