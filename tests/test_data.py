@@ -157,7 +157,7 @@ def test_augmentations_differ_across_ranks_and_epochs_and_repeat_for_the_same_on
         torch.manual_seed(0)
         dm = SSLDataModule(dataset=[(image, 0)] * 8, batch_size=4, num_workers=num_workers, global_size=28,
                            local_size=12, num_local=1, patch_size=4, mask_ratio=0.3, mask_ratio_var=0.0)  # fmt: skip
-        dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=epoch)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=epoch)
         return next(iter(dm.train_dataloader()))
 
     r0, r1, r0_again, r0_epoch1 = first_batch(0), first_batch(1), first_batch(0), first_batch(0, epoch=1)
@@ -171,13 +171,67 @@ def test_augmentation_streams_leave_the_main_process_generator_alone():
 
     streams = AugmentationStreams(seed=3)
     torch.manual_seed(0)
-    with streams.draws():
+    with streams.draws(5):
         inside = torch.rand(2)
     after = torch.rand(2)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(2))  # as if nothing had been drawn
-    with streams.draws():  # the stream continues where it stopped
+    with streams.draws(5):  # a sample's draws are a function of (seed, epoch, index)
+        assert torch.equal(torch.rand(2), inside)
+    with streams.draws(6):
         assert not torch.equal(torch.rand(2), inside)
+
+
+def _global_batches(dataset, batch_size, world, workers, epoch=0, seed=7):
+    """The first two global batches as one process would see them: the ranks' batches concatenated."""
+    from types import SimpleNamespace
+
+    per_rank = []
+    for rank in range(world):
+        dm = SSLDataModule(dataset=dataset, batch_size=batch_size, num_workers=workers, global_size=28,
+                           local_size=12, num_local=1, patch_size=4, augmentation_seed=seed)  # fmt: skip
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=epoch)
+        loader = iter(dm.train_dataloader())
+        per_rank.append([next(loader) for _ in range(2)])
+    return [
+        (torch.cat([r[b].indices for r in per_rank]), torch.cat([r[b].views[0] for r in per_rank]),
+         torch.cat([r[b].views[2] for r in per_rank]), torch.cat([r[b].masks for r in per_rank], dim=1))
+        for b in range(2)
+    ]  # fmt: skip
+
+
+def test_the_global_batch_is_the_same_for_any_number_of_ranks_and_workers():
+    """One process with batch 8 and no worker, 2 ranks of 4 with a worker each, 4 ranks of 2: the same
+    images in the same (rank-major) order with the same crops and masks, as the banks need (§5)."""
+    images = [Image.fromarray(torch.randint(0, 255, (28, 28), dtype=torch.uint8).numpy()) for _ in range(20)]
+    dataset = [(im, i) for i, im in enumerate(images)]
+    one = _global_batches(dataset, 8, world=1, workers=0)
+    for other in (_global_batches(dataset, 4, world=2, workers=1), _global_batches(dataset, 2, world=4, workers=0)):
+        for a, b in zip(one, other):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(set(torch.cat([one[0][0], one[1][0]]).tolist())) == 16  # no image twice in an epoch
+    epoch1 = _global_batches(dataset, 8, world=1, workers=0, epoch=1)
+    assert not torch.equal(one[0][0], epoch1[0][0])  # a new order every epoch
+
+
+def test_global_batch_sampler_against_a_brute_force_split():
+    from sop_lightning.data.sampler import GlobalBatchSampler
+    from sop_lightning.seeding import mix_seed
+
+    n, B, W = 23, 3, 2
+    for epoch in (0, 1):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(5, epoch))).tolist()
+        global_batches = [perm[i : i + B * W] for i in range(0, (n // (B * W)) * B * W, B * W)]  # 3 of 6
+        for rank in range(W):
+            sampler = GlobalBatchSampler(range(n), B, W, rank, seed=5)
+            sampler.set_epoch(epoch)
+            expected = [i for g in global_batches for i in g[rank * B : (rank + 1) * B]]
+            assert list(sampler) == expected and len(sampler) == len(expected) == 9
+            sampler.resume(epoch, 2)  # two batches done: the next iterator starts at the third
+            assert list(sampler) == expected[2 * B :] and len(sampler) == 9
+            assert list(sampler) == expected  # the skip served one iterator
+    with pytest.raises(ValueError, match="rank must be in"):
+        GlobalBatchSampler(range(n), B, num_replicas=2, rank=2)
 
 
 def test_knn_monitoring_subsets_are_fixed_and_cover_a_class_sorted_split():

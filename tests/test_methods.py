@@ -1,5 +1,6 @@
 import math
 import warnings
+from unittest.mock import patch
 
 import lightning as L
 import pytest
@@ -9,6 +10,7 @@ import sop_lightning.callbacks.ema as ema_module
 from sop_lightning import DINO, IBOT, SOP, SSLDataModule
 from sop_lightning.callbacks.ema import ema_update_
 from sop_lightning.methods.base import clip_per_tensor_
+from sop_lightning.network import Embeddings
 
 TINY = dict(backbone="vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=1, num_heads=2,
             hidden_dim=64, out_dim=16)  # fmt: skip
@@ -66,6 +68,37 @@ def test_sop_queues_teacher_rows_of_view_two(fake_fmnist):
     for b in range(4):  # each patch row is one of the image's own view-2 patch embeddings
         assert (teacher.patches[4 + b] - patch_rows[b]).abs().sum(-1).min() < 1e-6
     assert model.pop_memory_updates() == []
+
+
+def test_sop_patch_enqueue_positions_follow_the_option_and_the_step():
+    """``random_masked_one``: only masked positions (any when an image has none); ``random_one``: every
+    position can be drawn; the draw is a function of the step (resume) and not of the process's RNG."""
+    model = SOP(**SOP_SMALL, **TINY, patch_enqueue="random_masked_one")
+    model.set_schedule_length(10, 5)
+    B, N, d = 4, 49, 16
+    patches = torch.arange(2 * B * N * d, dtype=torch.float32).view(2 * B, N, d)  # row r of image b is unique
+    teacher = Embeddings(torch.zeros(2 * B, d), patches)
+    masks = torch.zeros(2 * B, N, dtype=torch.bool)
+    masks[B + 0, [3, 17]] = True  # view 2 of image 0: two masked patches; image 1: none
+    masks[B + 2, 40] = True
+    masks[B + 3, 0] = True
+
+    def positions(step):
+        model._queue_memory_updates(teacher, masks, B)
+        rows = model.pop_memory_updates()[1][1]
+        return [int(((patches[B + b] - rows[b]).abs().sum(-1) == 0).nonzero()) for b in range(B)]
+
+    seen = {b: set() for b in range(B)}
+    for step in range(40):
+        with patch.object(SOP, "global_step", step):
+            torch.manual_seed(step)  # the process RNG does not matter
+            first = positions(step)
+            torch.manual_seed(1000 + step)
+            assert positions(step) == first
+        for b, pos in enumerate(first):
+            seen[b].add(pos)
+    assert seen[0] == {3, 17} and seen[2] == {40} and seen[3] == {0}
+    assert len(seen[1]) > 20  # no masked patch: any of the 49 positions
 
 
 def test_teacher_starts_as_copy_without_drop_path():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["SOPLightningCLI", "build_cli", "main"]
@@ -23,6 +23,16 @@ class SOPLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.global_size", "model.init_args.img_size", apply_on="instantiate")
         parser.link_arguments("data.patch_size", "model.init_args.patch_size", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # the default rich progress bar gives way to --trainer.enable_progress_bar false (a batch job's log)
+        if config.get("enable_progress_bar") is False:
+            defaults = self.trainer_defaults.get("callbacks") or []
+            defaults = [
+                c for c in (defaults if isinstance(defaults, list) else [defaults]) if not isinstance(c, ProgressBar)
+            ]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def export_main(args: list[str]) -> int:

@@ -16,10 +16,33 @@ from ..distributed import rank as distributed_rank
 from .datasets import ImageFolderDataset, IndexedDataset, TransformedDataset
 from .demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .masking import BlockMaskGenerator, MaskRatioSampler
+from .sampler import GlobalBatchSampler
 from .seeding import AugmentationStreams
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, eval_transform
 
-__all__ = ["MultiCropBatch", "collate_multicrop", "collate_labelled", "SSLDataModule", "LabelledDataModule"]
+__all__ = [
+    "MultiCropBatch",
+    "ResumableLoader",
+    "collate_multicrop",
+    "collate_labelled",
+    "SSLDataModule",
+    "LabelledDataModule",
+]
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``, marked resumable for Lightning (``state_dict`` / ``load_state_dict``).
+
+    The position itself is restored by :class:`SSLDataModule`, whose checkpoint state holds the epoch, the
+    batches already trained on and the augmentation seed, before it builds this loader: its
+    :class:`~sop_lightning.data.sampler.GlobalBatchSampler` then starts after those batches, so the loader
+    state here is only informative."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(getattr(self.sampler, "epoch", 0))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # SSLDataModule.load_state_dict already placed the sampler
 
 
 @dataclass
@@ -179,9 +202,10 @@ class SSLDataModule(L.LightningDataModule):
             all-False masks (DINO).
         mask_shape: ``"block"`` or ``"rand"``.
         eval_resize_ratio: eval transform resizes to ``global_size·ratio`` then centre-crops.
-        augmentation_seed: base seed of the augmentation streams. Whatever it is, every (rank, loader worker, epoch)
-            draws its own crops and masks (:class:`~sop_lightning.data.seeding.AugmentationStreams`), with
-            or without ``seed_everything(workers=True)``; ``None`` derives it from the process seed.
+        augmentation_seed: base seed of the data order and of the crops and masks, which are drawn per
+            (epoch, sample index) (:class:`~sop_lightning.data.seeding.AugmentationStreams`): the same views
+            with any number of loader workers or ranks, different on every rank, replayed exactly on resume;
+            ``None`` takes the process seed (``seed_everything``).
         on_bad_image: an unreadable file in an image folder: ``"raise"`` (an error naming its path) or
             ``"skip"`` (warn, use the next readable image, count them in ``data/skipped_images``).
         allow_upscale: train on images smaller than ``global_size`` (upsampled); by default such a data set is
@@ -256,6 +280,8 @@ class SSLDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
         self.augmentation_streams = AugmentationStreams(augmentation_seed)
         self._train: Dataset | None = None
+        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches handed out in it)
+        self._resume_at: tuple[int, int] | None = None
 
     @property
     def grid_size(self) -> int:
@@ -289,17 +315,70 @@ class SSLDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Multi-crop batches in the order of :class:`GlobalBatchSampler` (global batches split between the
+        ranks); after a resume, the interrupted epoch continues where its checkpoint was written."""
         self.setup("fit")
-        if len(self._train) < self.batch_size:
+        trainer = self.trainer
+        world = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+        rank = int(getattr(trainer, "global_rank", 0)) if trainer is not None else distributed_rank()
+        if len(self._train) < self.batch_size * world:
             raise ValueError(
                 f"dataset={_describe(self.dataset)} has {len(self._train)} images, fewer than batch_size="
-                f"{self.batch_size} (the last incomplete batch is dropped, so no step would run)"
+                f"{self.batch_size} x {world} rank(s) (the last incomplete global batch is dropped, so no step "
+                "would run)"
             )
-        trainer = self.trainer
-        self.augmentation_streams.rank = trainer.global_rank if trainer is not None else distributed_rank()
-        self.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        base = self.augmentation_streams.resolve_base()
+        strategy = getattr(trainer, "strategy", None)
+        if world > 1 and strategy is not None:  # unseeded processes differ: every rank takes rank 0's order
+            base = self.augmentation_streams.base = int(strategy.broadcast(base))
+        sampler = GlobalBatchSampler(self._train, self.batch_size, world, rank, shuffle=True, seed=base)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if self._resume_at is not None:  # set by load_state_dict: the epoch the checkpoint interrupted
+            epoch, done = self._resume_at
+            self._resume_at = None
+            if done >= sampler.num_batches:
+                epoch, done = epoch + 1, 0
+            sampler.resume(epoch, done)
+            self._position = (epoch, done)
+        else:
+            sampler.set_epoch(epoch)
+        self.set_epoch(epoch)
         data = TransformedDataset(self._train, self.transform, self.masks, self.augmentation_streams)
-        return self._loader(data, collate_multicrop, shuffle=True, drop_last=True, batch_size=self.batch_size)
+        return ResumableLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_multicrop,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Counts the training batches handed to the model in the current epoch (the resume position)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, MultiCropBatch):
+            epoch, done = self._position
+            current = trainer.current_epoch
+            self._position = (current, done + 1 if epoch == current else 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        """What a resumed fit needs to replay the data exactly: the augmentation base seed and the batches
+        of the current epoch already trained on (saved in every checkpoint)."""
+        epoch, done = self._position
+        trainer = self.trainer
+        if trainer is not None and epoch != trainer.current_epoch:  # a new epoch has not drawn a batch yet
+            epoch, done = trainer.current_epoch, 0
+        return {"augmentation_base": self.augmentation_streams.base, "epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "epoch" not in state_dict:
+            return  # a checkpoint written before the data position was saved: the epoch starts over
+        if state_dict.get("augmentation_base") is not None:
+            self.augmentation_streams.base = int(state_dict["augmentation_base"])
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def set_epoch(self, epoch: int) -> None:
         """Start the augmentation streams of ``epoch`` (the methods call it at every epoch start; without it

@@ -120,7 +120,7 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int):
         item = self.dataset[index]
         image, label = item if isinstance(item, (tuple, list)) else (item, None)
-        with nullcontext() if self.streams is None else self.streams.draws():
+        with nullcontext() if self.streams is None else self.streams.draws(index):
             out = self.transform(image)
             if self.extra is None:
                 return out, label

@@ -1,8 +1,12 @@
-"""Random streams of the training augmentations, one per (seed, rank, loader worker, epoch).
+"""Random draws of the training augmentations, a function of ``(seed, epoch, sample index)`` only.
 
 Without this, DDP ranks whose processes were seeded alike (``seed_everything(s)`` without
 ``workers=True``, or no seeding at all: every fresh process starts from the same default seed) draw the
-same crop, flip, colour and mask parameters, so the global batch repeats its augmentations across ranks.
+same crop, flip, colour and mask parameters, so the global batch repeats its augmentations across ranks;
+and draws that run on from sample to sample depend on the number of loader workers and cannot be replayed
+when a run resumes in the middle of an epoch. Seeding each sample by its index in the epoch fixes all three:
+ranks see different indices (:class:`~sop_lightning.data.sampler.GlobalBatchSampler`), any number of workers
+or ranks gives the same views, and a resumed epoch redraws exactly the views it would have drawn.
 """
 
 from __future__ import annotations
@@ -32,63 +36,53 @@ def _set_states(states: tuple[Any, ...]) -> None:
 
 
 def _seed_process(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's belongs to the model
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
 
 
 class AugmentationStreams:
-    """Seeds the draws of the training transforms and masks by ``(seed, rank, worker id, epoch)``.
+    """Seeds the draws of the training transforms and masks of each sample by ``(base, epoch, index)``.
 
-    Wrap each sample's random work in :meth:`draws`. In a loader worker the worker's own torch, ``random``
-    and numpy generators are reseeded whenever the epoch changes (a worker's generators serve only the
-    data); in the main process (``num_workers=0``) a private stream is swapped in and out around each
-    sample, so the model's random draws (dropout, drop-path) are left alone.
+    Wrap a sample's random work in :meth:`draws`. In a loader worker the worker's own torch (CPU), ``random``
+    and numpy generators are reseeded for every sample (a worker's generators serve only the data); in the
+    main process (``num_workers=0``) their states are saved and restored around the sample, so the model's
+    random draws (drop-path) are left alone.
 
     Args:
-        seed: base seed; ``None`` takes the loader's per-iterator base seed in a worker and
-            ``torch.initial_seed()`` in the main process, so ``seed_everything`` still makes runs repeatable.
+        seed: base seed; ``None`` takes the main process's ``torch.initial_seed()`` when the training loader is
+            built (:meth:`resolve_base`), so ``seed_everything`` still makes runs repeatable.
 
-    ``rank`` is set by the data module when it builds the training loader; :meth:`set_epoch` (shared memory,
-    so persistent workers see it) at the start of every epoch.
+    :meth:`set_epoch` (shared memory, so persistent workers see it) at the start of every epoch. The base is
+    part of the data module's checkpoint state, so a resumed run redraws the same views.
     """
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
-        self.rank = 0
+        self.base: int | None = seed
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
-        self._key: tuple[int, int] | None = None
-        self._main_states: tuple[Any, ...] | None = None
+
+    def resolve_base(self) -> int:
+        """Fix the base seed (in the main process, before the loader's workers are forked)."""
+        if self.base is None:
+            self.base = self.seed if self.seed is not None else torch.initial_seed()
+        return self.base
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(int(epoch))
 
     @contextmanager
-    def draws(self) -> Iterator[None]:
-        info = get_worker_info()
-        worker = -1 if info is None else info.id
-        key = (worker, int(self.epoch))
-        if key != self._key:
-            if self.seed is not None:
-                base = self.seed
-            else:
-                base = torch.initial_seed() if info is None else info.seed - info.id
-            seed = mix_seed(base, self.rank, worker, key[1])
-            self._key = key
-            if info is None:
-                outside = _get_states()
-                _seed_process(seed)
-                self._main_states = _get_states()
-                _set_states(outside)
-            else:
-                _seed_process(seed)
-        if info is not None:
+    def draws(self, index: int) -> Iterator[None]:
+        """The random draws of sample ``index`` in the current epoch."""
+        base = self.base if self.base is not None else self.resolve_base()
+        seed = mix_seed(base, int(self.epoch), int(index))
+        if get_worker_info() is not None:
+            _seed_process(seed)
             yield
             return
         outside = _get_states()
-        _set_states(self._main_states)
+        _seed_process(seed)
         try:
             yield
         finally:
-            self._main_states = _get_states()
             _set_states(outside)

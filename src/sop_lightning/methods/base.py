@@ -8,6 +8,8 @@ last-layer freeze, fp32 losses and logging live here.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from ..heads import ProjectionHead, PrototypeLayer
 from ..losses.vmf import vmf_bias
 from ..network import Embeddings, SSLNetwork, make_teacher
 from ..schedules import cosine_at, epoch_warmup_at
+from ..seeding import mix_seed
 
 __all__ = ["SelfDistillation", "check_checkpoint_fits", "schedule_length"]
 
@@ -302,7 +305,8 @@ class SelfDistillation(L.LightningModule):
             masks = torch.zeros_like(masks)
         with torch.no_grad():
             teacher = self.teacher(views[:2], return_patches=self.uses_patches)
-        student = self.student(views, masks=masks, return_patches=self.uses_patches)
+        with self._step_random_draws(step):
+            student = self.student(views, masks=masks, return_patches=self.uses_patches)
         with torch.autocast(device_type=self.device.type, enabled=False):
             teacher = Embeddings(*(None if t is None else t.float() for t in teacher))
             student = Embeddings(*(None if s is None else s.float() for s in student))
@@ -317,12 +321,30 @@ class SelfDistillation(L.LightningModule):
                 "this step's update; the checkpoints already written are untouched (resume from the last one with a "
                 "lower base_lr, a smaller clip_grad or bf16-mixed instead of 16-mixed)"
             )
-        log = {f"train/{k}": v.detach() for k, v in losses.items()}
+        names = list(losses)
+        values = torch.stack([losses[k].detach() for k in names])
+        if self.trainer.world_size > 1:  # the logged losses are the global batch's: one all-reduce for all
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        log = {f"train/{k}": v for k, v in zip(names, values)}
         log.update({"train/lr": lr, "train/weight_decay": wd, "train/teacher_temp": temp,
                     "train/momentum": self.momentum_at(step)})  # fmt: skip
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch.batch_size)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch.batch_size)
+        self.log("loss", log["train/loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)
         return loss
+
+    @contextmanager
+    def _step_random_draws(self, step: int) -> Iterator[None]:
+        """The student's random draws (stochastic depth) of ``step`` come from a generator seeded by
+        ``(seed, step, rank)``, so a resumed run redraws them exactly; the process's generators are restored
+        afterwards."""
+        if self.hparams.drop_path_rate <= 0:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # CPU, plus this rank's GPU
+            seed = mix_seed(self.hparams.seed, 0x5D, step, self.global_rank)
+            torch.manual_seed(seed)
+            yield
 
     def configure_gradient_clipping(
         self,

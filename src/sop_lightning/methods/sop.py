@@ -12,6 +12,7 @@ from ..callbacks.memory import MemoryEnqueue
 from ..losses.sop import SOPLoss, SOPMIMLoss, koleo_loss
 from ..memory import MemoryBank
 from ..network import Embeddings
+from ..seeding import mix_seed
 from .base import SelfDistillation
 
 __all__ = ["SOP"]
@@ -133,6 +134,15 @@ class SOP(SelfDistillation):
             self._queue_memory_updates(teacher, flat, batch)
         return {"loss": loss, **out}
 
+    def _patch_draws(self, batch: int) -> Tensor:
+        """``(B,)`` uniform draws choosing each image's enqueued patch: drawn for the global batch from a
+        generator seeded by ``(seed, step)``, this rank's slice taken, so the bank is the same on any number
+        of ranks and after a resume."""
+        trainer = self._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        g = torch.Generator().manual_seed(mix_seed(self.hparams.seed, self.global_step, 0x9A7C))
+        return torch.rand(batch * world, generator=g)[rank * batch : (rank + 1) * batch]
+
     @torch.no_grad()
     def _queue_memory_updates(self, teacher: Embeddings, masks: Tensor, batch: int) -> None:
         """§5: teacher [CLS] of the chosen view(s) and one random patch per image of global view 2."""
@@ -140,12 +150,14 @@ class SOP(SelfDistillation):
         cls_rows = torch.cat([teacher.cls[v * batch : (v + 1) * batch] for v in views])
         patches = teacher.patches[batch : 2 * batch]  # (B, N, d), global view 2
         n = patches.shape[1]
+        u = self._patch_draws(batch).to(patches.device)  # (B,) uniform in [0, 1)
         if self.hparams.patch_enqueue == "random_masked_one":
             # uniform over the masked positions of the image (any position when none is masked)
             weights = masks[batch : 2 * batch].float() + (~masks[batch : 2 * batch].any(1, keepdim=True)).float()
-            pos = torch.multinomial(weights, 1).squeeze(1)
+            cdf = weights.cumsum(1)
+            pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=n - 1)
         else:
-            pos = torch.randint(0, n, (patches.shape[0],), device=patches.device)
+            pos = (u * n).long().clamp(max=n - 1)
         images = torch.arange(patches.shape[0], device=patches.device)
         patch_rows = patches[images, pos]
         self._memory_updates = [

@@ -1,0 +1,79 @@
+"""Every method under ``--trainer.strategy ddp_spawn --trainer.devices 2`` (CPU, gloo), run as users run it:
+the installed ``sop-lightning`` executable in a subprocess. Both ranks must end with identical teachers,
+banks, anchors and centers, and 2 ranks x batch 4 must give the teacher 1 process x batch 8 gives (the
+same global batches in the same order, :class:`~sop_lightning.data.sampler.GlobalBatchSampler`): nothing
+is counted twice or missed. The logged losses are the global batch's (reduced over the ranks)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = {
+    "sop": ["--model.init_args.memory_size", "64", "--model.init_args.patch_memory_size", "32",
+            "--model.init_args.num_anchors", "8", "--model.init_args.num_neighbors", "2",
+            "--model.init_args.num_patch_anchors", "4"],
+    "dino": ["--model.init_args.num_prototypes", "16"],
+    "ibot": ["--model.init_args.num_prototypes", "16"],
+    "dino_vmf": ["--model.init_args.num_prototypes", "16"],
+    "ibot_vmf": ["--model.init_args.num_prototypes", "16"],
+}  # fmt: skip
+
+
+def _executable() -> str:
+    return str(Path(sys.executable).parent / "sop-lightning")
+
+
+def fit(method: str, root: Path, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """A tiny ``sop-lightning fit`` of the demo config of ``method``; every rank saves its state to ``out``."""
+    args = [
+        _executable(), "fit", "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
+        "--seed_everything", "0",
+        "--data.init_args.root", str(root), "--data.init_args.num_workers", "0",
+        "--data.init_args.augmentation_seed", "3", "--data.init_args.num_local", "2",
+        "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1", "--model.init_args.num_heads", "2",
+        "--model.init_args.hidden_dim", "32", "--model.init_args.out_dim", "16",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
+        "--trainer.default_root_dir", str(out), "--trainer.check_val_every_n_epoch", "1000",
+        "--trainer.callbacks+=state_saver.SaveState", f"--trainer.callbacks.out={out}",
+        *METHODS[method], *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(HERE), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_match_one_process_on_the_same_global_batch(method, fake_fmnist, tmp_path):
+    steps = ["--trainer.max_steps", "3", "--trainer.max_epochs", "1"]
+    fit(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps)
+    fit(method, fake_fmnist, tmp_path / "two", "--data.init_args.batch_size", "4", *steps,
+        "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2")  # fmt: skip
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
+    assert one["step"] == r0["step"] == r1["step"] == 2  # 20 images // (8 per global batch): 2 steps per epoch
+    assert r0["world_size"] == 2 and one["world_size"] == 1
+    objective = [k for k in one["state"] if not k.startswith(("student.", "teacher."))]
+    assert objective, "no banks / centers found"
+    for key, value in r0["state"].items():  # the ranks agree exactly: weights, banks, pointers, centers
+        assert torch.equal(value, r1["state"][key]), key
+    for key, value in one["state"].items():  # and agree with one process up to the order of float sums
+        other = r0["state"][key]
+        if value.is_floating_point():
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(other, value), key
+    moved = [
+        k for k in one["state"] if k.startswith("teacher.") and not torch.equal(one["state"][k], one["initial"][k])
+    ]
+    assert moved, "the teacher did not move: the comparison would prove nothing"
+    assert r0["metrics"] == r1["metrics"]  # the logged losses are reduced over the ranks ...
+    for key, value in one["metrics"].items():  # ... into the global batch's
+        assert r0["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
