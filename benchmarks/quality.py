@@ -120,11 +120,21 @@ def seconds_per_step(method: str, root: Path, extra: list[str], steps: int = 30)
     return sorted(gaps)[len(gaps) // 2]
 
 
+def processor() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     threads = torch.get_num_threads()
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-            "torch": torch.__version__, "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available()
-            else "cpu"}  # fmt: skip
+    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "processor": processor(), "cpu_count": os.cpu_count(),
+            "torch_threads": threads, "torch": torch.__version__, "device": device}  # fmt: skip
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
@@ -222,15 +232,21 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         if not group:
             continue
         where = group[0]["machine"]
-        lines += [f"### {device.upper()}: {where['device']}, {where['platform']}, {where['cpu_count']} cores", "",
-                  "| method | k-NN top-1 | top-5 | steps | images/s | training time | wall time (incl. eval) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        chip = where["device"] if where["device"] != "cpu" else where.get("processor", processor())
+        lines += [f"### {device.upper()}: {chip}, {where['cpu_count']} cores, torch {where['torch']}, "
+                  f"{where['platform']}", "",
+                  "| method | k-NN top-1 | top-5 | student top-1 | steps | images/s | training time | "
+                  "wall time (incl. eval) |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        best = max((r["top1"] for r in group if r["method"] not in BASELINES), default=None)
         order = list(BASELINES) + list(METHODS)
         for r in sorted(group, key=lambda r: (order.index(r["method"]), r["name"])):
             if r["method"] in BASELINES:
-                lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | | | | |")
+                lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | | | | | |")
             else:
-                lines.append(f"| {r['name']} | **{r['top1']:.2f}** | {r['top5']:.2f} | {r['steps']} | "
+                top1 = f"**{r['top1']:.2f}**" if r["top1"] == best else f"{r['top1']:.2f}"
+                student = f"{r['student_top1']:.2f}" if r.get("student_top1") is not None else ""
+                lines.append(f"| {r['name']} | {top1} | {r['top5']:.2f} | {student} | {r['steps']} | "
                              f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | "
                              f"{r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
         commands = sorted({r["command"] for r in group})
