@@ -16,13 +16,24 @@ class SaveState(L.Callback):
         self.initial: dict = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.initial = _full(pl_module.state_dict())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        state = _full(pl_module.state_dict())
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         optimizer = trainer.optimizers[0].state_dict()
+        optimizer["state"] = {i: _full(v) for i, v in optimizer["state"].items()}
         saved = {"state": state, "metrics": metrics, "step": trainer.global_step, "optimizer": optimizer,
-                 "world_size": trainer.world_size, "initial": self.initial}  # fmt: skip
+                 "world_size": trainer.world_size, "initial": self.initial,
+                 "params": [n for n, _ in pl_module.named_parameters()],
+                 "sharded": [n for n, p in pl_module.named_parameters() if type(p).__name__ == "DTensor"]}  # fmt: skip
         torch.save(saved, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def _full(state: dict) -> dict:
+    """Whole tensors (FSDP2 shards gathered: every rank calls this) detached and copied."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() if torch.is_tensor(v) else v
+            for k, v in state.items()}  # fmt: skip

@@ -136,6 +136,19 @@ def test_half_true_precision_is_refused_for_the_ema_teacher(fake_fmnist):
         _trainer(max_steps=1, precision="bf16-true").fit(DINO(num_prototypes=8, **TINY), _data(fake_fmnist))
 
 
+def test_the_fsdp1_strategy_is_refused_with_the_fsdp2_alternative():
+    """Lightning's ``fsdp`` strategy refuses CPU before the model sees it; on a GPU the method's ``setup``
+    refuses it (checked here with a stand-in trainer holding the real strategy object)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = DINO(num_prototypes=8, **TINY)
+    model._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
+    with pytest.raises(ValueError, match=r"strategy='fsdp' \(FSDP1\) is not supported.*ModelParallelStrategy"):
+        model.setup("fit")
+
+
 @pytest.fixture
 def sop_checkpoint(fake_fmnist, tmp_path):
     model = SOP(**TINY, **SMALL_SOP)

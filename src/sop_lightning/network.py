@@ -29,7 +29,8 @@ class SSLNetwork(nn.Module):
     ``forward(views, masks, return_patches)``: the first ``num_global`` views (same size) run in one
     backbone call with ``masks`` (bool ``(num_global·B, H', W')``), the other views in one call per
     resolution, unmasked (§2 step 4). The head runs once, on all [CLS] tokens (and the global views'
-    patch tokens when ``return_patches``).
+    patch tokens when ``return_patches``). ``features=True``: the backbone's [CLS] features ``(B, D)`` of
+    ``views[0]`` only (k-NN), through ``forward`` so that a sharded network gathers its weights.
     """
 
     def __init__(self, backbone: ViTBackbone, head: ProjectionHead, prototypes: PrototypeLayer | None = None):
@@ -42,7 +43,10 @@ class SSLNetwork(nn.Module):
         masks: Tensor | None = None,
         return_patches: bool = False,
         num_global: int = 2,
-    ) -> Embeddings:
+        features: bool = False,
+    ) -> Embeddings | Tensor:
+        if features:
+            return self.backbone(views[0]).cls
         groups: list[list[Tensor]] = [views[:num_global]]
         for v in views[num_global:]:
             if len(groups) > 1 and groups[-1][-1].shape[-2:] == v.shape[-2:]:

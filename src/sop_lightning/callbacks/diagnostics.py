@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..losses.common import cross_entropy
 from ..memory import MemoryBank
+from ..sharding import full_tensor
 
 __all__ = ["Diagnostics"]
 
@@ -61,7 +62,7 @@ class Diagnostics(L.Callback):
             metrics[f"diag/{name}/effective_prototypes"] = eff
         prototypes = getattr(getattr(pl_module, "student", None), "prototypes", None)
         if prototypes is not None:
-            kappa = prototypes.norms.detach().float() / pl_module.hparams.student_temp
+            kappa = full_tensor(prototypes.norms.detach()).float() / pl_module.hparams.student_temp
             metrics.update({"diag/kappa_min": float(kappa.min()), "diag/kappa_mean": float(kappa.mean()),
                             "diag/kappa_max": float(kappa.max())})  # fmt: skip
             self._histogram(trainer, "diag/kappa", kappa)
@@ -72,7 +73,7 @@ class Diagnostics(L.Callback):
                 metrics[f"diag/{name}/initial_fraction"] = float((module.written_at < 0).float().mean())
         self.last_metrics = metrics
         if metrics:
-            pl_module.log_dict(metrics, sync_dist=False)
+            pl_module.log_dict(metrics, sync_dist=True)  # ranks average their own batches (once per epoch)
         self._sums = {}
 
     def _histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:

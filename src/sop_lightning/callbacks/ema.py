@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..sharding import local_tensors
+
 __all__ = ["ema_update_", "EMATeacher"]
 
 
@@ -18,8 +20,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     pairs = [(t, student_params[n]) for n, t in teacher.named_parameters() if n in student_params]
     if not pairs:
         raise ValueError("teacher and student share no parameter names")
-    t_params = [t for t, _ in pairs]
-    s_params = [s.detach() for _, s in pairs]
+    # FSDP2: teacher and student are sharded alike (sharding.shards_line_up), so the update is local
+    t_params = local_tensors(t for t, _ in pairs)
+    s_params = local_tensors(s.detach() for _, s in pairs)
     try:
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
     except (RuntimeError, TypeError, NotImplementedError):  # e.g. mixed DTensor placements

@@ -31,6 +31,7 @@ from ..losses.vmf import vmf_bias
 from ..network import Embeddings, SSLNetwork, make_teacher
 from ..schedules import cosine_at, epoch_warmup_at
 from ..seeding import mix_seed
+from ..sharding import full_tensor, is_sharded, local_tensors, reshard, shard_network, shards_line_up, sum_over_shards_
 
 __all__ = ["SelfDistillation", "check_checkpoint_fits", "schedule_length"]
 
@@ -132,9 +133,9 @@ class SelfDistillation(L.LightningModule):
         if not getattr(self, "vmf", False):
             return None, None
         d, method = self.hparams.out_dim, getattr(self, "vmf_approx", "approx")
-        student = vmf_bias(self.student.prototypes.norms, d, self.hparams.student_temp, method)
+        student = vmf_bias(full_tensor(self.student.prototypes.norms), d, self.hparams.student_temp, method)
         with torch.no_grad():
-            teacher = vmf_bias(self.teacher.prototypes.norms, d, teacher_temp, method)
+            teacher = vmf_bias(full_tensor(self.teacher.prototypes.norms), d, teacher_temp, method)
         return student, teacher
 
     def compute_losses(self, student: Embeddings, teacher: Embeddings, masks: Tensor | None, temp: float) -> dict:
@@ -171,10 +172,37 @@ class SelfDistillation(L.LightningModule):
                 "resolution of the weights (bf16: 8 bits of mantissa) and the teacher stops moving; use "
                 "precision='bf16-mixed' (or '16-mixed' on a GPU): the weights stay fp32, the matmuls run in half"
             )
+        strategy = getattr(self._trainer, "strategy", None)
+        if stage == "fit" and type(strategy).__name__ == "FSDPStrategy":
+            raise ValueError(
+                "strategy='fsdp' (FSDP1) is not supported: it flattens each wrapped unit's weights into one buffer, "
+                "so the EMA teacher cannot be matched to the student shard by shard, and it was never run here. Use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) for FSDP2 (sharded "
+                "student and teacher) or strategy='ddp'"
+            )
         # DDP(broadcast_buffers=True) would resend these from rank 0 before every forward (~72 MB of SOP
         # banks at the paper sizes) although they are identical by construction (§5); student and teacher
         # buffers, if a backbone has any, are still broadcast.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, self.rank_consistent_buffers())
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard student and teacher with the same policy
+        (:mod:`sop_lightning.sharding`), so the EMA runs on local shards; banks and centers stay replicated."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.student):
+            return
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"tensor_parallel_size={mesh['tensor_parallel'].size()}: the methods shard data-parallel only (FSDP2); "
+                "use ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1) (its "
+                "'auto' default puts all devices of a node into tensor_parallel)"
+            )
+        shard_network(self.student, dp_mesh)
+        shard_network(self.teacher, dp_mesh)
+        bad = shards_line_up(self.student, self.teacher)
+        if bad:
+            raise RuntimeError("student and teacher shards do not line up: " + "; ".join(bad[:5]))
 
     def on_fit_start(self) -> None:
         self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
@@ -305,6 +333,7 @@ class SelfDistillation(L.LightningModule):
             masks = torch.zeros_like(masks)
         with torch.no_grad():
             teacher = self.teacher(views[:2], return_patches=self.uses_patches)
+        reshard(self.teacher)  # FSDP2: no backward will free the teacher's gathered weights
         with self._step_random_draws(step):
             student = self.student(views, masks=masks, return_patches=self.uses_patches)
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -374,14 +403,14 @@ class SelfDistillation(L.LightningModule):
         papers evaluate) or the student."""
         if network not in ("teacher", "student"):
             raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
-        backbone = self.teacher.backbone if network == "teacher" else self.student.backbone
-        return F.normalize(backbone(images).cls.float(), dim=-1)
+        net = self.teacher if network == "teacher" else self.student
+        return F.normalize(net([images], features=True).float(), dim=-1)
 
     def export_backbone(self, path: str | Path) -> dict[str, Any]:
         """Write the teacher backbone as a plain timm state dict; returns the ``timm.create_model``
         keyword arguments that load it with ``strict=True``."""
         backbone = self.teacher.backbone
-        state = {k: v.detach().cpu().clone() for k, v in backbone.vit.state_dict().items()}
+        state = {k: full_tensor(v).detach().cpu().clone() for k, v in backbone.vit.state_dict().items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
         return backbone.timm_kwargs()
@@ -441,9 +470,14 @@ def clip_per_tensor_(parameters, max_norm: float) -> None:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
+    local = local_tensors(grads)  # FSDP2: each rank's shards; the norms need the whole tensors
+    if any(t is not g for t, g in zip(local, grads)):
+        squares = torch.stack([t.float().pow(2).sum() for t in local])
+        norms = list(sum_over_shards_(squares, grads).sqrt().unbind())
+    else:
+        norms = torch._foreach_norm(grads)
     scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    torch._foreach_mul_(local, scales)
 
 
 def _check_positive(**values: float) -> None:
