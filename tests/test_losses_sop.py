@@ -207,3 +207,36 @@ def test_per_rank_anchors_differ_between_ranks(monkeypatch):
         draws[r] = (shared.anchors(3), per_rank.anchors(3))
     assert torch.equal(draws[0][0], draws[1][0])
     assert not torch.equal(draws[0][1], draws[1][1])
+
+
+@pytest.mark.parametrize("search_dtype", ["bfloat16", "float16"])
+def test_half_precision_search_picks_the_exact_neighbours_except_near_ties(search_dtype):
+    """Against a float64 brute force written here: every chosen neighbour set equals the exact top-k unless
+    the k-th and (k+1)-th exact cosines are closer than the search dtype's resolution; the returned
+    contributions (cosines) are the fp32 values of the chosen rows."""
+    g = torch.Generator().manual_seed(0)
+    M, d, K, k = 3000, 64, 200, 8
+    memory = torch.nn.functional.normalize(torch.randn(M, d, generator=g), dim=1)
+    anchor_idx = torch.randperm(M, generator=g)[:K]
+    sops = build_sops(memory, anchor_idx, k, search_dtype=search_dtype)
+    ref = build_sops(memory, anchor_idx, k)  # fp32 search
+    eps = torch.finfo(getattr(torch, search_dtype)).eps
+    exact_mismatch = 0
+    mem64 = memory.double()
+    pool = torch.ones(M, dtype=torch.bool)
+    pool[anchor_idx] = False
+    for j in range(K):
+        cos = mem64[pool] @ mem64[anchor_idx[j]]
+        rows = pool.nonzero().squeeze(1)
+        order = cos.argsort(descending=True)
+        top = set(rows[order[:k]].tolist())
+        got = {int(torch.nonzero((memory == row).all(1))[0]) for row in sops.supports[j, 1:]}
+        if got != top:
+            exact_mismatch += 1
+            gap = float(cos[order[k - 1]] - cos[order[k]])
+            assert gap < 4 * eps, (j, gap)  # only a near tie may differ
+        chosen = sops.supports[j, 1:].double() @ mem64[anchor_idx[j]]
+        torch.testing.assert_close(sops.contributions[j, 1:].double(), chosen.clamp(0, 1), atol=1e-6, rtol=0)
+    assert exact_mismatch <= K // 20
+    same = (sops.supports == ref.supports).all(-1).all(-1).float().mean()
+    assert same >= 0.95

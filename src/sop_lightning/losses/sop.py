@@ -47,19 +47,39 @@ def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min
         )
 
 
-def _neighbours(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2)."""
+SearchDtype = Literal["float32", "bfloat16", "float16"]
+
+
+def _neighbours(
+    memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int, search_dtype: SearchDtype = "float32"
+) -> tuple[Tensor, Tensor]:
+    """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2).
+
+    ``search_dtype`` below fp32: the ``K × (M−K)`` scores are computed in that dtype (the one product
+    that grows with the bank), the top ``2k`` candidates are kept, and their cosines are recomputed in the
+    memory's dtype to choose and order the final ``k``; so only ties within half-precision resolution of
+    the ``k``-th cosine can change the choice, and the returned cosines are exact."""
     K = anchor_idx.numel()
     if num_neighbors == 0:
         return memory.new_zeros(K, 0), anchor_idx.new_zeros(K, 0)
+    if search_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+    low = search_dtype != "float32" and memory.dtype != getattr(torch, search_dtype)
     anchors = memory[anchor_idx]
     is_anchor = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
     is_anchor[anchor_idx] = True
     pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
-    pool_t = memory[pool_idx].T.contiguous()  # (d, M - K); one copy, no masking pass over K x M
+    pool = memory[pool_idx]
+    pool_t = (pool.to(getattr(torch, search_dtype)) if low else pool).T.contiguous()  # (d, M - K): one copy
+    candidates = min(2 * num_neighbors, pool_idx.numel()) if low else num_neighbors
     scores_list, idx_list = [], []
     for start in range(0, K, chunk_size):
-        s, i = (anchors[start : start + chunk_size] @ pool_t).topk(num_neighbors, dim=1)
+        a = anchors[start : start + chunk_size]
+        s, i = ((a.to(pool_t.dtype) if low else a) @ pool_t).topk(candidates, dim=1)
+        if low:  # exact cosines of the candidates, then the top k of those
+            s = torch.einsum("kd,kcd->kc", a, pool[i])
+            s, order = s.topk(num_neighbors, dim=1)
+            i = i.gather(1, order)
         scores_list.append(s)
         idx_list.append(pool_idx[i])
     return torch.cat(scores_list), torch.cat(idx_list)
@@ -84,11 +104,13 @@ def build_sops(
     contribution: Contribution = "soft",
     clamp: bool = True,
     chunk_size: int = 1024,
+    search_dtype: SearchDtype = "float32",
 ) -> SOPs:
     """Build ``K`` SOPs from ``memory`` ``(M, d)`` (unit rows) around the anchors ``anchor_idx`` ``(K,)``.
 
     Neighbours are the top-``num_neighbors`` rows by cosine among the **non-anchor** rows, searched in
-    fp32 in chunks of ``chunk_size`` anchors (so 4096 × 65 536 fits in memory). Contributions (§3.2
+    fp32 in chunks of ``chunk_size`` anchors (so 4096 × 65 536 fits in memory), or with ``search_dtype``
+    scores in half precision and the candidates re-ranked in fp32 (:func:`_neighbours`). Contributions (§3.2
     step 5): ``"soft"`` anchor ``1-ε``, neighbour its cosine; ``"onehot"`` all 1; ``"uniform"`` all
     ``1-ε``; clamped into ``[0, 1]`` when ``clamp``. No gradient flows into the memory.
     """
@@ -101,7 +123,7 @@ def build_sops(
     with torch.autocast(device_type=memory.device.type, enabled=False):
         memory = at_least_fp32(memory.detach())
         anchors = memory[anchor_idx]
-        scores, idx = _neighbours(memory, anchor_idx, num_neighbors, chunk_size)
+        scores, idx = _neighbours(memory, anchor_idx, num_neighbors, chunk_size, search_dtype)
         supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
         if contribution == "soft":
             contributions = torch.cat([scores.new_full((K, 1), 1.0 - smoothing), scores], dim=1)
@@ -205,8 +227,12 @@ class _SOPObjective(nn.Module):
         knn_chunk: int,
         per_rank_anchors: bool = False,
         track_indices: bool = False,
+        search_dtype: SearchDtype = "float32",
     ):
         super().__init__()
+        if search_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+        self.search_dtype = search_dtype
         if num_anchors < 2:
             raise ValueError(f"num_anchors (K) must be >= 2, got {num_anchors}")
         if num_anchors > memory_size:
@@ -250,7 +276,7 @@ class _SOPObjective(nn.Module):
     def build(self, step: int, task: int = 0) -> SOPs:
         sops = build_sops(
             self.memory.embeddings, self.anchors(step, task), self.num_neighbors, self.smoothing,
-            self.contribution, self.clamp, self.knn_chunk,
+            self.contribution, self.clamp, self.knn_chunk, self.search_dtype,
         )  # fmt: skip
         if self.keep < 1.0:  # §3.5 code "low_energy": keep a uniformly random subset of the SOPs
             g = torch.Generator().manual_seed(mix_seed(self.seed, step, task, self.objective_id, 1))
@@ -284,11 +310,12 @@ class SOPLoss(_SOPObjective):
         knn_chunk: int = 1024,
         per_rank_anchors: bool = False,
         track_indices: bool = False,
+        search_dtype: SearchDtype = "float32",
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp,
             anchor_keep_fraction, anchor_mode, clamp_contributions, seed, 0, knn_chunk, per_rank_anchors,
-            track_indices,
+            track_indices, search_dtype,
         )  # fmt: skip
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -332,10 +359,11 @@ class SOPMIMLoss(_SOPObjective):
         knn_chunk: int = 1024,
         per_rank_anchors: bool = False,
         track_indices: bool = False,
+        search_dtype: SearchDtype = "float32",
     ):
         super().__init__(
             memory_size, dim, num_anchors, num_neighbors, smoothing, contribution, student_temp, 1.0,
-            anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors, track_indices,
+            anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors, track_indices, search_dtype,
         )  # fmt: skip
 
     def forward(self, student: Tensor, teacher: Tensor, masks: Tensor, teacher_temp: float, step: int) -> Tensor:

@@ -35,6 +35,8 @@ class SOP(SelfDistillation):
         patch_enqueue: ``"random_one"`` (any patch) or ``"random_masked_one"`` per image of view 2.
         track_indices: the banks also keep each row's data-set index (``MemoryBank(track_indices=True)``),
             so :func:`~sop_lightning.evaluation.visualize.sop_members` can show which images make up a SOP.
+        search_dtype: dtype of the anchors × bank scores of the neighbour search; ``"bfloat16"`` (GPUs) halves
+            the cost of that product, the candidates are re-ranked in fp32 (:func:`build_sops`).
         teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs: τ_t 0.04 → 0.07 over 30 epochs,
             per iteration, shared by both losses.
         **kwargs: the shared training arguments of :class:`SelfDistillation`.
@@ -64,6 +66,7 @@ class SOP(SelfDistillation):
         enqueue_views: Literal["second", "first", "both"] = "second",
         patch_enqueue: Literal["random_one", "random_masked_one"] = "random_one",
         track_indices: bool = False,
+        search_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 30,
@@ -85,11 +88,12 @@ class SOP(SelfDistillation):
         self.sop_loss = SOPLoss(
             memory_size, d, num_anchors, num_neighbors, smoothing, contribution, hp.student_temp, num_tasks,
             anchor_keep_fraction, anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors,
-            track_indices=track_indices,
+            track_indices=track_indices, search_dtype=search_dtype,
         )  # fmt: skip
         self.sop_mim_loss = SOPMIMLoss(
             patch_memory_size, d, num_patch_anchors, num_patch_neighbors, smoothing, contribution, hp.student_temp,
             anchor_mode, seed=hp.seed, per_rank_anchors=per_rank_anchors, track_indices=track_indices,
+            search_dtype=search_dtype,
         )  # fmt: skip
         self._memory_updates: list[tuple[MemoryBank, Tensor, Tensor]] = []
 
