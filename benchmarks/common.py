@@ -15,3 +15,17 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def best_of_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time in seconds of each function, the calls interleaved (a, b, c, a, b, c, ...) after one
+    warm-up call each, so that drifts of the machine (other load, clocks) hit every function alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(values) for name, values in times.items()}
