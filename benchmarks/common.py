@@ -8,13 +8,7 @@ from collections.abc import Callable
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time in seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_of_interleaved({"fn": fn}, repeats)["fn"]
 
 
 def best_of_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

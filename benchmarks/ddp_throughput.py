@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (1, args.ranks):
             result = run(args.method, args.batch, ranks, args.strategy, args.steps, Path(tmp))
-            gaps = np_diff(result["times"][args.warmup :])
+            gaps = step_gaps(result["times"][args.warmup :])
             seconds = statistics.median(gaps)
             rows.append((ranks, args.batch / seconds, seconds))
             print(f"{ranks} process(es) x {args.batch // ranks} images: {args.batch / seconds:7.1f} img/s "
@@ -83,7 +83,7 @@ def main() -> None:
           f"= {many / one:.2f}x images/s")  # fmt: skip
 
 
-def np_diff(values: list[float]) -> list[float]:
+def step_gaps(values: list[float]) -> list[float]:
     return [b - a for a, b in zip(values, values[1:])]
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..distributed import rank as distributed_rank
 from .datasets import ImageFolderDataset, IndexedDataset, TransformedDataset
@@ -103,7 +103,7 @@ def resolve_dataset(
 
 def _image_side(image) -> int | None:
     """Shorter side in pixels of a PIL image, a tensor ``(..., H, W)`` or an array ``(H, W[, C])``."""
-    if hasattr(image, "size") and isinstance(getattr(image, "size", None), tuple):
+    if isinstance(getattr(image, "size", None), tuple):
         return min(image.size)
     if isinstance(image, Tensor) and image.ndim >= 2:
         return min(image.shape[-2:])
@@ -302,11 +302,21 @@ class SSLDataModule(L.LightningDataModule):
             return None
         return int(getattr(self._train, "skipped_images", 0))
 
-    def _loader(self, dataset: Dataset, collate, shuffle: bool, drop_last: bool, batch_size: int) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self,
+        dataset: Dataset,
+        collate,
+        shuffle: bool,
+        drop_last: bool,
+        batch_size: int,
+        sampler: Sampler | None = None,
+        loader_class: type[DataLoader] = DataLoader,
+    ) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -344,15 +354,14 @@ class SSLDataModule(L.LightningDataModule):
             sampler.set_epoch(epoch)
         self.set_epoch(epoch)
         data = TransformedDataset(self._train, self.transform, self.masks, self.augmentation_streams)
-        return ResumableLoader(
+        return self._loader(
             data,
+            collate_multicrop,
+            shuffle=False,  # the sampler shuffles
+            drop_last=True,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-            collate_fn=collate_multicrop,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            loader_class=ResumableLoader,
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -64,8 +64,8 @@ class AugmentationStreams:
 
     def resolve_base(self) -> int:
         """Fix the base seed (in the main process, before the loader's workers are forked)."""
-        if self.base is None:
-            self.base = self.seed if self.seed is not None else torch.initial_seed()
+        if self.base is None:  # no seed given (a given seed is the base from the start)
+            self.base = torch.initial_seed()
         return self.base
 
     def set_epoch(self, epoch: int) -> None:

@@ -7,7 +7,7 @@ and draw rank-consistent anchors.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,11 @@ def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min
 SearchDtype = Literal["float32", "bfloat16", "float16"]
 
 
+def _check_search_dtype(search_dtype: str) -> None:
+    if search_dtype not in get_args(SearchDtype):
+        raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+
+
 def _neighbours(
     memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int, search_dtype: SearchDtype = "float32"
 ) -> tuple[Tensor, Tensor]:
@@ -62,15 +67,15 @@ def _neighbours(
     K = anchor_idx.numel()
     if num_neighbors == 0:
         return memory.new_zeros(K, 0), anchor_idx.new_zeros(K, 0)
-    if search_dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+    _check_search_dtype(search_dtype)
     low = search_dtype != "float32" and memory.dtype != getattr(torch, search_dtype)
     anchors = memory[anchor_idx]
     is_anchor = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
     is_anchor[anchor_idx] = True
     pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
     pool = memory[pool_idx]
-    pool_t = (pool.to(getattr(torch, search_dtype)) if low else pool).T.contiguous()  # (d, M - K): one copy
+    search = getattr(torch, search_dtype) if low else pool.dtype
+    pool_t = pool.new_empty(pool.shape[::-1], dtype=search).copy_(pool.T)  # (d, M - K), cast in the one copy
     candidates = min(2 * num_neighbors, pool_idx.numel()) if low else num_neighbors
     scores_list, idx_list = [], []
     for start in range(0, K, chunk_size):
@@ -230,8 +235,7 @@ class _SOPObjective(nn.Module):
         search_dtype: SearchDtype = "float32",
     ):
         super().__init__()
-        if search_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+        _check_search_dtype(search_dtype)
         self.search_dtype = search_dtype
         if num_anchors < 2:
             raise ValueError(f"num_anchors (K) must be >= 2, got {num_anchors}")
