@@ -1,4 +1,5 @@
 import gzip
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from sop_lightning.data import (
     SSLDataModule,
     collate_multicrop,
 )
+from sop_lightning.data.transforms import gaussian_blur, hue_shift
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,17 +283,67 @@ def test_every_augmentation_probability_can_be_turned_off_and_on():
 
 
 def test_blur_sigma_scaled_to_each_crop_size():
+    def sigmas(t):
+        return [view.blur_sigma for view in (t.global1, t.local)]
+
+    assert sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0))) == [(0.1, 2.0), (0.1, 2.0)]
+    scaled = sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0), blur_reference_size=224))
+    assert scaled[0] == pytest.approx((0.1 * 28 / 224, 2.0 * 28 / 224))
+    assert scaled[1] == pytest.approx((0.1 * 12 / 224, 2.0 * 12 / 224))
+    assert sigmas(MultiCropTransform(28, 12, 1, blur_probs=(0.0, 0.0, 0.0))) == [None, None]  # blur off: no step
+
+
+def test_hue_shift_matches_torchvision_adjust_hue():
+    from torchvision.transforms.v2.functional import adjust_hue_image
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 17, 19, generator=g)
+    image[0, :, :4] = image[0, :1, :4]  # gray pixels (chroma 0)
+    image[1, 1, :5] = image[1, 0, :5]  # ties between the largest channels
+    image[1, 2, 5:9] = image[1, :2, 5:9].amax(0)
+    image = (image * 255).round() / 255  # ties also where 8-bit images have them
+    for factor in (-0.5, -0.37, -0.1, 0.0, 0.05, 0.25, 0.4999, 0.5):
+        torch.testing.assert_close(hue_shift(image, factor), adjust_hue_image(image, factor), rtol=0, atol=2e-6)
+
+
+def test_gaussian_blur_matches_torchvision_with_the_same_kernel():
+    from torchvision.transforms.v2.functional import gaussian_blur_image
+
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 40, 33, generator=g)
+    for sigma in (0.1, 0.7, 1.3, 2.0):
+        taps = 2 * math.ceil(3 * sigma) + 1
+        expected = gaussian_blur_image(image, [taps, taps], [sigma, sigma])
+        torch.testing.assert_close(gaussian_blur(image, sigma), expected, rtol=0, atol=1e-5)
+    small = torch.rand(3, 6, 6, generator=g)  # kernel capped below the image: 5 taps for sigma 2
+    torch.testing.assert_close(gaussian_blur(small, 2.0), gaussian_blur_image(small, [5, 5], [2.0, 2.0]), rtol=0,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_views_are_drawn_as_the_torchvision_transforms_draw_them():
+    """A view equals torchvision's v2 pipeline with the same parameters, fed the same random draws."""
     from torchvision.transforms import v2
 
-    def sigmas(t):
-        return [[m.sigma for m in view.transforms if isinstance(m, v2.RandomApply)
-                 for m in m.transforms if isinstance(m, v2.GaussianBlur)] for view in (t.global1, t.local)]  # fmt: skip
-
-    assert sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0))) == [[[0.1, 2.0]], [[0.1, 2.0]]]
-    scaled = sigmas(MultiCropTransform(28, 12, 1, blur_sigma=(0.1, 2.0), blur_reference_size=224))
-    assert scaled[0][0] == pytest.approx([0.1 * 28 / 224, 2.0 * 28 / 224])
-    assert scaled[1][0] == pytest.approx([0.1 * 12 / 224, 2.0 * 12 / 224])
-    assert sigmas(MultiCropTransform(28, 12, 1, blur_probs=(0.0, 0.0, 0.0))) == [[], []]  # blur off: no step at all
+    g = torch.Generator().manual_seed(2)
+    image = torch.randint(0, 256, (3, 40, 36), dtype=torch.uint8, generator=g)
+    t = MultiCropTransform(24, 12, 1, global_scale=(0.3, 1.0), flip_prob=0.5, jitter=(0.4, 0.4, 0.2, 0.0),
+                           jitter_prob=1.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0,
+                           mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    reference = v2.Compose([
+        v2.RandomResizedCrop(24, scale=(0.3, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ])  # fmt: skip
+    for seed in range(5):
+        torch.manual_seed(seed)
+        view = t.global1(image)
+        torch.manual_seed(seed)
+        crop = reference(image)
+        if float(torch.rand(1)) < 0.5:
+            crop = crop.flip(-1)
+        torch.rand(1)  # the jitter's draw (p = 1)
+        jitter = v2.ColorJitter(0.4, 0.4, 0.2)
+        crop = jitter.transform(crop, jitter.make_params([crop]))
+        torch.testing.assert_close(view, (crop - 0.5) / 0.25, rtol=0, atol=1e-5)
 
 
 def test_augmentation_arguments_reach_the_data_module_from_the_cli(capsys):
