@@ -162,7 +162,7 @@ def bare_loader(images: PILImages, args: dict, batch_size: int, workers: int) ->
 def library_loader(source, args: dict, batch_size: int, workers: int) -> DataLoader:
     from sop_lightning import SSLDataModule
 
-    keep = {k: v for k, v in args.items() if k not in ("batch_size", "num_workers", "dataset")}
+    keep = {k: v for k, v in args.items() if k not in ("batch_size", "num_workers", "dataset")}  # root stays
     dm = SSLDataModule(dataset=source, batch_size=batch_size, num_workers=workers, augmentation_seed=0, **keep)
     dm.setup("fit")
     return dm.train_dataloader()
@@ -178,14 +178,13 @@ def images_per_second(loader: DataLoader, batches: int, warmup: int, batch_size:
     return batches * batch_size / (time.perf_counter() - t0)
 
 
-def setting(name: str, workdir: Path, image_count: int, image_size: tuple[int, int]):
+def setting(name: str, workdir: Path, image_count: int, image_size: tuple[int, int], root: str | None = None):
     """``(library data source, PILImages, data args)`` of a setting."""
     if name == "demo":
-        from sop_lightning.data.demo import FashionMNIST
+        from sop_lightning.data.demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 
-        args = demo_data_args("sop")
-        fmnist = FashionMNIST(args.get("root") or "/usr/share/datasets/fashion-mnist")
-        return "fashion_mnist", PILImages(fmnist), args
+        args = {**demo_data_args("sop"), "root": root or DEFAULT_FASHION_MNIST_ROOT}
+        return "fashion_mnist", PILImages(FashionMNIST(args["root"])), args
     folder = write_jpegs(workdir / "jpegs", image_count, image_size)
     return str(folder), PILImages(folder), dict(IMAGENET_DATA)
 
@@ -201,6 +200,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="synthetic JPEGs of the imagenet setting")
     parser.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     parser.add_argument("--workdir", default=None, help="folder for the JPEGs (default: a temporary one)")
+    parser.add_argument("--root", default=None, help="Fashion-MNIST folder of the demo setting")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a loader worker; the library sets no threads of its own
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +208,7 @@ def main() -> None:
         for name in args.settings:
             batch = args.batch or (64 if name == "demo" else 32)
             batches = args.batches or (30 if name == "demo" else 6)
-            source, images, data_args = setting(name, workdir, args.images, tuple(args.image_size))
+            source, images, data_args = setting(name, workdir, args.images, tuple(args.image_size), args.root)
             if len(images) < (args.warmup + batches) * batch:
                 sys.exit(f"--images {args.images} is too few for {args.warmup + batches} batches of {batch}")
             crops = f"2x{data_args['global_size']} + {data_args['num_local']}x{data_args['local_size']}"

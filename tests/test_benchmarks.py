@@ -28,3 +28,28 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     text = (docs / "benchmarks.md").read_text()
     assert "| SOP |" in text and "raw pixels" in text and (docs / "quality_cpu.png").exists()
     assert (docs / "retrievals_cpu.png").exists() and (docs / "sops_cpu.png").exists() and "![SOPs]" in text
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_data_pipeline_benchmark_smoke(fake_fmnist, tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "data_pipeline.py"), "--root", str(fake_fmnist), "--batch", "4",
+                "--batches", "2", "--warmup", "1", "--rounds", "1", "--workers", "0", "--images", "12",
+                "--image-size", "240", "230", "--workdir", str(tmp_path)], tmp_path)  # fmt: skip
+    lines = [line for line in out.splitlines() if "library / bare" in line]
+    assert len(lines) == 2 and lines[0].startswith("demo (2x28 + 4x14") and lines[1].startswith("imagenet (2x224")
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 12
+
+
+def test_throughput_benchmark_smoke(fake_fmnist, tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "throughput.py"), "--root", str(fake_fmnist), "--batch", "4",
+                "--steps", "4", "--warmup", "1", "--rounds", "1", "--workers", "0"], tmp_path)  # fmt: skip
+    for mode in ("step", "loader"):
+        for name in ("library dino", "library ibot", "library sop", "lightly dino", "bare dino"):
+            assert f"{mode:6s} {name}" in out, out
+        assert f"{mode}: library DINO / lightly DINO = " in out and f"{mode}: SOP step / iBOT step = " in out

@@ -30,12 +30,14 @@ class Diagnostics(L.Callback):
     def __init__(self, histogram: bool = True):
         self.histogram = histogram
         self._sums: dict[str, dict[str, Any]] = {}
+        self._modules: list[tuple[str, Any]] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums = {}
+        self._modules = list(pl_module.named_modules())  # listed once, not walked every step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        for name, module in pl_module.named_modules():
+        for name, module in self._modules:
             stats = getattr(module, "stats", None)
             if not isinstance(stats, dict) or not stats:
                 continue
