@@ -196,6 +196,32 @@ def test_probability_gradient_matches_dense_reference():
     assert sop_probabilities(_unit(2, 3, 6, seed=4), sops, 0.2).shape == (2, 3, 4)
 
 
+def test_shared_supports_are_scored_once_with_the_dense_result_and_gradient():
+    """A small bank forces repeated rows (4 anchors x 6 neighbours among 8 rows): probabilities and gradient
+    still equal the dense softmax over all K(k+1) columns times Y, in float64."""
+    from sop_lightning.losses.sop import _distinct_supports
+
+    memory = _unit(12, 6, seed=31)
+    sops = build_sops(memory, torch.tensor([0, 3, 7, 11]), 6, contribution="soft")
+    unique, inverse = _distinct_supports(sops)
+    assert unique.shape[0] < 4 * 7  # rows do repeat
+    torch.testing.assert_close(unique[inverse], sops.supports.reshape(-1, 6))
+    Y = _dense_y(sops.contributions.double())
+    D = sops.supports.reshape(-1, 6).double()
+    x = _unit(9, 6, seed=32).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weights = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    got = sop_probabilities(x, sops, 0.1)
+    expected = torch.softmax(x_ref @ D.T / 0.1, -1) @ Y
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    (got.log() * weights).sum().backward()
+    (expected.log() * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+    # without the rows (SOPs built by hand) every column is scored: the same numbers
+    plain = sop_probabilities(x.detach(), SOPs(sops.supports, sops.contributions), 0.1)
+    torch.testing.assert_close(plain, got.detach(), atol=1e-12, rtol=1e-10)
+
+
 def test_per_rank_anchors_differ_between_ranks(monkeypatch):
     import sop_lightning.losses.sop as sop_module
 

@@ -7,6 +7,7 @@ and draw rank-consistent anchors.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -27,10 +28,13 @@ _TINY = torch.finfo(torch.float32).tiny
 
 class SOPs(NamedTuple):
     """The step's SOPs. ``supports``: ``(K, k+1, d)``, index 0 the anchor, 1..k its neighbours by
-    descending cosine; ``contributions``: ``(K, k+1)`` (§3.2)."""
+    descending cosine; ``contributions``: ``(K, k+1)`` (§3.2); ``rows``: ``(K, k+1)`` the memory rows of the
+    supports, or ``None`` — with them, a row that supports several SOPs is scored once
+    (:func:`sop_probabilities`)."""
 
     supports: Tensor
     contributions: Tensor
+    rows: Tensor | None = None
 
 
 def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min_anchors: int) -> None:
@@ -74,8 +78,7 @@ def _neighbours(
     is_anchor[anchor_idx] = True
     pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
     pool = memory[pool_idx]
-    search = getattr(torch, search_dtype) if low else pool.dtype
-    pool_t = pool.new_empty(pool.shape[::-1], dtype=search).copy_(pool.T)  # (d, M - K), cast in the one copy
+    pool_t = (pool.to(getattr(torch, search_dtype)) if low else pool).T  # (d, M - K): GEMM reads it transposed
     candidates = min(2 * num_neighbors, pool_idx.numel()) if low else num_neighbors
     scores_list, idx_list = [], []
     for start in range(0, K, chunk_size):
@@ -138,42 +141,114 @@ def build_sops(
             contributions = scores.new_full((K, num_neighbors + 1), 1.0 - smoothing)
         if clamp:
             contributions = contributions.clamp(0.0, 1.0)
-    return SOPs(supports, contributions)
+    return SOPs(supports, contributions, torch.cat([anchor_idx.view(-1, 1), idx], dim=1))
+
+
+#: Elements of the ``(U, n)`` blocks of the backward on CPUs (16 MB): blocks this small are recycled by the
+#: allocator, larger ones are mapped afresh and pay their page faults every step.
+_CPU_BLOCK_ELEMENTS = 1 << 22
 
 
 class _SOPProbabilities(torch.autograd.Function):
-    """Fused ``P = softmax(x Dᵀ/τ) · Y`` with a hand-written backward (one saved ``N × K(k+1)`` buffer).
+    """Fused ``P = softmax(x Dᵀ/τ) · Y`` with a hand-written backward, on the ``U`` distinct supports.
 
-    With ``w_ji = (K c_ji − 1)/(K − 1)`` and ``Q = Σ_ji π_ji c_ji``:
-    ``P_j = Σ_i π_ji w_ji + (1 − Q)/(K − 1)``; backward:
-    ``∂L/∂π_ji = dP_j w_ji − g c_ji`` (``g = Σ_j dP_j /(K−1)``),
-    ``Σ π ∂L/∂π = Σ_j dP_j (P_j − (1−Q)/(K−1)) − g Q``, ``dx = (π ⊙ (∂L/∂π − Σ π ∂L/∂π))/τ · D``.
+    A memory row that supports several SOPs (the neighbour of two anchors) is one embedding: its score is
+    computed once and enters the softmax with its multiplicity ``m_u``, so the products cost ``N·U·d`` instead
+    of ``N·K(k+1)·d`` (the search picks neighbours in dense regions, and a bank smaller than ``K(k+1)`` rows
+    must repeat rows). The support → SOP weights form a sparse matrix ``W`` ``(K, U)`` (``k+1`` entries a
+    row), so the per-SOP sums are sparse products and no ``N × K(k+1)`` buffer is built; the normaliser and
+    ``Q`` are two more rows of the same product.
+
+    With ``e_u = exp(s_u − max)``, ``Z = Σ_u m_u e_u``, ``w_ji = (K c_ji − 1)/(K − 1)``, ``Q = Σ_u C_u e_u / Z``
+    (``C_u`` the contributions of row ``u`` summed over its columns):
+    ``P_j = (W e)_j / Z + (1 − Q)/(K − 1)``; backward, with ``g = Σ_j dP_j /(K−1)`` and
+    ``β = Σ_j dP_j (P_j − (1−Q)/(K−1)) − g Q`` (``= Σ π ∂L/∂π``):
+    ``∂L/∂s_u = (e_u / Z)·((Wᵀ dP)_u − g C_u − m_u β)``, ``dx = (∂L/∂s / τ)ᵀ · D_U``; the bracket is one
+    sparse product ``[Wᵀ, C, m] · [dP; −g; −β]``, computed in column blocks of ``(U, n)``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, supports: Tensor, c: Tensor, inv_tau: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, unique: Tensor, inverse: Tensor, c: Tensor, inv_tau: float) -> Tensor:  # type: ignore[override]
         K, S = c.shape
-        pi = x @ supports.T  # (N, K·S), turned into the softmax in place
-        pi.mul_(inv_tau)
-        pi.sub_(pi.amax(-1, keepdim=True)).exp_()
-        pi.div_(pi.sum(-1, keepdim=True))
-        w = (K * c - 1.0) / (K - 1)
-        q_total = pi @ c.reshape(K * S)  # (N,)
-        p = (pi.view(-1, K, S) * w).sum(-1).add_(((1.0 - q_total) / (K - 1)).unsqueeze(-1))
-        ctx.save_for_backward(pi, supports, c, w, p, q_total)
+        U = unique.shape[0]
+        e = (unique * inv_tau) @ x.T  # (U, N) scores / τ, turned into exp(s - max) in place
+        e.sub_(e.amax(0, keepdim=True)).exp_()
+        w = ((K * c - 1.0) / (K - 1)).reshape(K * S)
+        m = torch.bincount(inverse, minlength=U).to(e.dtype)
+        c_rows = torch.zeros(U, dtype=e.dtype, device=e.device).index_add_(0, inverse, c.reshape(K * S))
+        sums = _csr(*_sop_rows_layout(inverse, w, m, c_rows, K), (K + 2, U)) @ e  # [W e; Z; Q·Z], (K + 2, N)
+        z = sums[K]
+        q = sums[K + 1].div_(z)
+        p = sums[:K].div_(z).add_((1.0 - q).div_(K - 1)).T  # (N, K)
+        ctx.save_for_backward(e, z, unique, inverse, m, c_rows, w, p, q)
         ctx.inv_tau = inv_tau
         return p
 
     @staticmethod
     def backward(ctx, dp: Tensor):  # type: ignore[override]
-        pi, supports, c, w, p, q_total = ctx.saved_tensors
-        K, S = c.shape
-        g = dp.sum(-1, keepdim=True) / (K - 1)  # (N, 1)
-        beta = (dp * (p - ((1.0 - q_total) / (K - 1)).unsqueeze(-1))).sum(-1, keepdim=True) - g * q_total.unsqueeze(-1)
-        grad = dp.unsqueeze(-1) * w  # (N, K, S)
-        grad.addcmul_(g.unsqueeze(-1), c, value=-1.0).sub_(beta.unsqueeze(-1))
-        grad = grad.view_as(pi).mul_(pi).mul_(ctx.inv_tau)
-        return grad @ supports, None, None, None
+        e, z, unique, inverse, m, c_rows, w, p, q = ctx.saved_tensors
+        K, (U, N) = p.shape[1], e.shape
+        g = dp.sum(-1) / (K - 1)  # (N,)
+        beta = (dp * (p - ((1.0 - q) / (K - 1)).unsqueeze(-1))).sum(-1) - g * q  # (N,)
+        rhs = torch.cat([dp.T, -g.unsqueeze(0), -beta.unsqueeze(0)])  # (K + 2, N)
+        bracket = _csr(*_support_rows_layout(inverse, w, m, c_rows, K), (U, K + 2))
+        block = N if e.device.type != "cpu" else max(1, _CPU_BLOCK_ELEMENTS // U)
+        dx = torch.empty(N, unique.shape[1], dtype=e.dtype, device=e.device)
+        for a in range(0, N, block):
+            grad = bracket @ rhs[:, a : a + block]  # (U, n): (Wᵀ dP)_u − g C_u − m_u β
+            grad.mul_(e[:, a : a + block])
+            torch.mm(grad.T, unique, out=dx[a : a + block])
+        return dx.mul_((ctx.inv_tau / z).unsqueeze(1)), None, None, None, None
+
+
+def _sop_rows_layout(inverse: Tensor, w: Tensor, m: Tensor, c_rows: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR ``(crow, col, values)`` of ``[W; m; C]`` ``(K + 2, U)``: row ``j < K`` holds ``w_ji`` at the columns
+    ``inverse[j·S + i]``, then the multiplicities and the summed contributions as two dense rows."""
+    S, U = inverse.numel() // K, m.numel()
+    dev = inverse.device
+    crow = torch.cat([torch.arange(0, K * S + 1, S, device=dev), torch.tensor([K * S + U, K * S + 2 * U], device=dev)])
+    cols = torch.arange(U, device=dev)
+    return crow, torch.cat([inverse, cols, cols]), torch.cat([w, m, c_rows])
+
+
+def _support_rows_layout(
+    inverse: Tensor, w: Tensor, m: Tensor, c_rows: Tensor, K: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR ``(crow, col, values)`` of ``[Wᵀ, C, m]`` ``(U, K + 2)``: row ``u`` holds ``w_ji`` at the SOPs ``j`` of
+    its columns (ascending), then ``C_u`` at column ``K`` and ``m_u`` at ``K + 1``."""
+    S, U = inverse.numel() // K, m.numel()
+    order = torch.argsort(inverse, stable=True)  # columns grouped by support row, ascending within a row
+    counts = torch.bincount(inverse, minlength=U)
+    crow = torch.zeros(U + 1, dtype=inverse.dtype, device=inverse.device)
+    crow[1:] = (counts + 2).cumsum(0)
+    starts = crow[:-1]
+    sorted_rows = inverse[order]
+    first = counts.cumsum(0) - counts  # where each row's entries begin in `order`
+    dst = starts[sorted_rows] + torch.arange(order.numel(), device=order.device) - first[sorted_rows]
+    cols = torch.empty(int(crow[-1]), dtype=inverse.dtype, device=inverse.device)
+    vals = torch.empty(int(crow[-1]), dtype=w.dtype, device=w.device)
+    cols[dst], vals[dst] = order // S, w[order]
+    cols[starts + counts], vals[starts + counts] = K, c_rows
+    cols[starts + counts + 1], vals[starts + counts + 1] = K + 1, m
+    return crow, cols, vals
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
+
+
+def _distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
+    """``(U, d)`` distinct support embeddings and the ``(K·S,)`` index of every support among them (all
+    supports, ``U = K·S``, when their memory rows are unknown)."""
+    K, S, d = sops.supports.shape
+    flat = sops.supports.reshape(K * S, d)
+    if sops.rows is None:
+        return flat, torch.arange(K * S, device=flat.device)
+    rows, inverse = torch.unique(sops.rows.reshape(-1), return_inverse=True)
+    first = torch.empty_like(rows).scatter_(0, inverse, torch.arange(K * S, device=inverse.device))
+    return flat[first], inverse
 
 
 def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
@@ -181,20 +256,22 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
 
     Uses ``P_j = q_j + (R − r_j)/(K−1)`` with ``q_j = Σ_i π_(j,i) c_(j,i)``, ``r_j = Σ_i π_(j,i)(1−c_(j,i))``
     and ``R = Σ_j r_j``, which equals ``Yᵀ π`` without building the dense ``K(k+1) × K`` matrix ``Y``; the
-    softmax, the reduction and their backward are fused (one saved buffer). Computed in fp32 (or the
-    input's wider dtype) even under autocast; gradients flow to ``x`` only.
+    softmax, the reduction and their backward are fused, and a memory row shared by several SOPs is scored
+    once (``sops.rows``, :class:`_SOPProbabilities`). Computed in fp32 (or the input's wider dtype) even under
+    autocast; gradients flow to ``x`` only.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    supports, c = sops.supports.detach(), sops.contributions.detach()
-    K, S, d = supports.shape
+    K, S, d = sops.supports.shape
     if K < 2:
         raise ValueError(f"the number of SOPs K must be >= 2, got {K}")
     dtype = compute_dtype(x)
+    unique, inverse = _distinct_supports(SOPs(sops.supports.detach(), sops.contributions, sops.rows))
     with torch.autocast(device_type=x.device.type, enabled=False):
         flat = x.to(dtype).reshape(-1, d)
-        p = _SOPProbabilities.apply(flat, supports.to(dtype).reshape(K * S, d), c.to(dtype), 1.0 / temperature)
-        return p.view(*x.shape[:-1], K)
+        p = _SOPProbabilities.apply(flat, unique.to(dtype), inverse, sops.contributions.detach().to(dtype),
+                                    1.0 / temperature)  # fmt: skip
+        return p.reshape(*x.shape[:-1], K)
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -286,7 +363,7 @@ class _SOPObjective(nn.Module):
             g = torch.Generator().manual_seed(mix_seed(self.seed, step, task, self.objective_id, 1))
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device)
-            sops = SOPs(sops.supports[kept], sops.contributions[kept])
+            sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
         return sops
 
 
