@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, best_of_interleaved  # noqa: E402
 
-from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, _distinct_supports
+from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, distinct_supports
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         sync()
 
     # the distinct supports of the [CLS] SOPs (at most K (k + 1): a row shared by SOPs is scored once)
-    S = _distinct_supports(cls_loss.build(1))[0].shape[0]
+    S = distinct_supports(cls_loss.build(1))[0].shape[0]
     supports = torch.randn(S, d, device=dev)
     patch_supports = torch.randn(512, d, device=dev)
     n_masked = int(masks.sum())

@@ -199,11 +199,11 @@ def test_probability_gradient_matches_dense_reference():
 def test_shared_supports_are_scored_once_with_the_dense_result_and_gradient():
     """A small bank forces repeated rows (4 anchors x 6 neighbours among 8 rows): probabilities and gradient
     still equal the dense softmax over all K(k+1) columns times Y, in float64."""
-    from sop_lightning.losses.sop import _distinct_supports
+    from sop_lightning.losses.sop import distinct_supports
 
     memory = _unit(12, 6, seed=31)
     sops = build_sops(memory, torch.tensor([0, 3, 7, 11]), 6, contribution="soft")
-    unique, inverse = _distinct_supports(sops)
+    unique, inverse = distinct_supports(sops)
     assert unique.shape[0] < 4 * 7  # rows do repeat
     torch.testing.assert_close(unique[inverse], sops.supports.reshape(-1, 6))
     Y = _dense_y(sops.contributions.double())

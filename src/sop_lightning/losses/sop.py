@@ -20,7 +20,16 @@ from ..seeding import mix_seed
 from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
 from .dino import teacher_stats
 
-__all__ = ["SOPs", "build_sops", "sop_rows", "sop_probabilities", "SOPLoss", "SOPMIMLoss", "koleo_loss"]
+__all__ = [
+    "SOPs",
+    "build_sops",
+    "sop_rows",
+    "distinct_supports",
+    "sop_probabilities",
+    "SOPLoss",
+    "SOPMIMLoss",
+    "koleo_loss",
+]
 
 Contribution = Literal["soft", "onehot", "uniform"]
 _TINY = torch.finfo(torch.float32).tiny
@@ -35,6 +44,9 @@ class SOPs(NamedTuple):
     supports: Tensor
     contributions: Tensor
     rows: Tensor | None = None
+    #: ``(U, d)`` distinct supports and the ``(K·(k+1),)`` index of every support among them, when computed
+    #: once for the step's several :func:`sop_probabilities` calls (:func:`distinct_supports`).
+    distinct: tuple[Tensor, Tensor] | None = None
 
 
 def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min_anchors: int) -> None:
@@ -130,9 +142,9 @@ def build_sops(
         raise ValueError(f"contribution must be 'soft', 'onehot' or 'uniform', got {contribution!r}")
     with torch.autocast(device_type=memory.device.type, enabled=False):
         memory = at_least_fp32(memory.detach())
-        anchors = memory[anchor_idx]
         scores, idx = _neighbours(memory, anchor_idx, num_neighbors, chunk_size, search_dtype)
-        supports = torch.cat([anchors.unsqueeze(1), memory[idx]], dim=1)
+        rows = torch.cat([anchor_idx.view(-1, 1), idx], dim=1)  # (K, k+1)
+        supports = memory[rows]
         if contribution == "soft":
             contributions = torch.cat([scores.new_full((K, 1), 1.0 - smoothing), scores], dim=1)
         elif contribution == "onehot":
@@ -141,7 +153,7 @@ def build_sops(
             contributions = scores.new_full((K, num_neighbors + 1), 1.0 - smoothing)
         if clamp:
             contributions = contributions.clamp(0.0, 1.0)
-    return SOPs(supports, contributions, torch.cat([anchor_idx.view(-1, 1), idx], dim=1))
+    return SOPs(supports, contributions, rows)
 
 
 #: Elements of the ``(U, n)`` blocks of the backward on CPUs (16 MB): blocks this small are recycled by the
@@ -239,11 +251,11 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
-def _distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
+def distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
     """``(U, d)`` distinct support embeddings and the ``(K·S,)`` index of every support among them (all
     supports, ``U = K·S``, when their memory rows are unknown)."""
     K, S, d = sops.supports.shape
-    flat = sops.supports.reshape(K * S, d)
+    flat = sops.supports.detach().reshape(K * S, d)
     if sops.rows is None:
         return flat, torch.arange(K * S, device=flat.device)
     rows, inverse = torch.unique(sops.rows.reshape(-1), return_inverse=True)
@@ -266,7 +278,7 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
     if K < 2:
         raise ValueError(f"the number of SOPs K must be >= 2, got {K}")
     dtype = compute_dtype(x)
-    unique, inverse = _distinct_supports(SOPs(sops.supports.detach(), sops.contributions, sops.rows))
+    unique, inverse = sops.distinct if sops.distinct is not None else distinct_supports(sops)
     with torch.autocast(device_type=x.device.type, enabled=False):
         flat = x.to(dtype).reshape(-1, d)
         p = _SOPProbabilities.apply(flat, unique.to(dtype), inverse, sops.contributions.detach().to(dtype),
@@ -364,7 +376,7 @@ class _SOPObjective(nn.Module):
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device)
             sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
-        return sops
+        return sops._replace(distinct=distinct_supports(sops))  # once for the student and teacher calls
 
 
 class SOPLoss(_SOPObjective):
