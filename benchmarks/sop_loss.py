@@ -4,7 +4,8 @@ At paper scale — [CLS] bank 65 536, patch bank 8192, 4096 / 512 anchors, k = 8
 2 global + 10 local views, d = 256 — times in one run:
 
 * ``loss``: both SOP losses (SOPLoss + SOPMIMLoss), forward and backward to the student embeddings;
-* ``matmul``: the anchors × bank product ``(4096, 256) @ (256, 65536)`` alone, in the same dtype;
+* ``matmul``: the anchors × bank product ``(4096, 256) @ (256, 65536)`` alone (in blocks of 1024 anchors, as
+  the search runs), in the same dtype;
 * ``floor``: the products the losses cannot avoid: that search, plus the student-probability products on the
   distinct supports forward and backward (``x @ Dᵀ`` and ``dπ @ D`` for the 12 views of the [CLS] loss and the
   masked patches) and the teacher's forward, as bare matmuls of the same shapes;
@@ -63,8 +64,9 @@ def main() -> None:
     anchors = cls_loss.memory.embeddings[:4096].clone()
     bank = cls_loss.memory.embeddings
 
-    def matmul():
-        anchors @ bank.T
+    def matmul():  # in blocks of 1024 anchors, as the library searches (a 4096 x 65536 block is 1 GB)
+        for block in anchors.split(1024):
+            block @ bank.T
         sync()
 
     # the distinct supports of the [CLS] SOPs (at most K (k + 1): a row shared by SOPs is scored once)
@@ -77,7 +79,8 @@ def main() -> None:
     pi_cls, pi_p = torch.randn(V * B, S, device=dev), torch.randn(n_masked, 512, device=dev)
 
     def floor():
-        anchors @ bank.T  # the neighbour search
+        for block in anchors.split(1024):  # the neighbour search
+            block @ bank.T
         x_cls @ supports.T, pi_cls @ supports, x_t @ supports.T  # [CLS]: student fwd, bwd, teacher fwd
         x_p @ patch_supports.T, pi_p @ patch_supports, x_p @ patch_supports.T  # masked patches, same
         sync()
@@ -99,7 +102,8 @@ def main() -> None:
         a_low, b_low = anchors.to(low), bank.to(low)
 
         def matmul_low():
-            a_low @ b_low.T
+            for block in a_low.split(1024):
+                block @ b_low.T
             sync()
 
         t_mm_low = best_of(matmul_low, args.repeats)
