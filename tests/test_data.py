@@ -359,3 +359,17 @@ def test_augmentation_arguments_reach_the_data_module_from_the_cli(capsys):
     assert data["blur_probs"] == [0, 0, 0] and data["solarize_prob"] == 0.1
     for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_sigma", "blur_reference_size"):
         assert name in data
+
+
+def test_lightning_moves_a_batch_through_its_to_method(monkeypatch):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    views = [torch.rand(2, 3, 8, 8), torch.rand(2, 3, 4, 4)]
+    batch = MultiCropBatch(views, torch.zeros(2, 2, 2, 2, dtype=torch.bool), torch.tensor([1, 2]), None)
+    calls = []
+    original = MultiCropBatch.to
+    monkeypatch.setattr(MultiCropBatch, "to", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    moved = move_data_to_device(batch, torch.device("cpu"))
+    assert calls and isinstance(moved, MultiCropBatch)  # one call, not a walk over the fields
+    assert all(torch.equal(a, b) for a, b in zip(moved.views, views)) and moved.indices is None
+    assert torch.equal(moved.labels, batch.labels) and moved.masks.dtype == torch.bool

@@ -61,6 +61,15 @@ class MultiCropBatch:
     def batch_size(self) -> int:
         return self.views[0].shape[0]
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiCropBatch:
+        """The batch on ``device``. Lightning moves a batch with a ``to`` method by calling it, which costs a
+        few microseconds, instead of walking the dataclass field by field (≈ 2 ms a step)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return MultiCropBatch([move(v) for v in self.views], move(self.masks), move(self.labels), move(self.indices))
+
     def pin_memory(self) -> MultiCropBatch:
         return MultiCropBatch(
             [v.pin_memory() for v in self.views],
