@@ -2,6 +2,8 @@
 
     python benchmarks/ddp_throughput.py --method dino --steps 60            # demo config, 1 vs 2 ranks
 
+Arguments it does not know go to ``sop-lightning fit`` (e.g. ``--data.init_args.root DIR``).
+
 Each configuration is a ``sop-lightning fit`` of the demo config (``experiments/demo/<method>.yaml``, the
 loader, crops and model of ``make demo``) in its own process group: one process with ``batch_size`` images,
 and ``--ranks`` processes (``--strategy``, default ``ddp``) with ``batch_size / ranks`` each. The median
@@ -41,7 +43,7 @@ class StepTimes(L.Callback):
             Path(self.out).write_text(json.dumps({"times": self.times, "world_size": trainer.world_size}))
 
 
-def run(method: str, batch: int, ranks: int, strategy: str, steps: int, workdir: Path) -> dict:
+def run(method: str, batch: int, ranks: int, strategy: str, steps: int, workdir: Path, extra: list[str]) -> dict:
     out = workdir / f"times_{ranks}.json"
     executable = str(Path(sys.executable).parent / "sop-lightning")
     args = [executable, "fit", "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
@@ -49,6 +51,7 @@ def run(method: str, batch: int, ranks: int, strategy: str, steps: int, workdir:
             "--trainer.max_time", "null", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.check_val_every_n_epoch", "1000", "--trainer.default_root_dir", str(workdir / str(ranks)),
             "--trainer.callbacks+=ddp_throughput.StepTimes", f"--trainer.callbacks.out={out}"]  # fmt: skip
+    args += extra  # further `sop-lightning fit` arguments given to this script
     if ranks > 1:
         args += ["--trainer.strategy", strategy, "--trainer.devices", str(ranks)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -66,13 +69,13 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # the rest goes to `sop-lightning fit`, e.g. --data.init_args.root
     if args.batch % args.ranks:
         parser.error(f"--batch {args.batch} must be divisible by --ranks {args.ranks}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (1, args.ranks):
-            result = run(args.method, args.batch, ranks, args.strategy, args.steps, Path(tmp))
+            result = run(args.method, args.batch, ranks, args.strategy, args.steps, Path(tmp), extra)
             gaps = step_gaps(result["times"][args.warmup :])
             seconds = statistics.median(gaps)
             rows.append((ranks, args.batch / seconds, seconds))

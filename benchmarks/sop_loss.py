@@ -33,6 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--memory-size", type=int, default=65536, help="[CLS] bank rows")
+    parser.add_argument("--anchors", type=int, default=4096, help="[CLS] SOPs (anchors)")
+    parser.add_argument("--patch-memory-size", type=int, default=8192)
+    parser.add_argument("--patch-anchors", type=int, default=512)
     parser.add_argument("--mask-fraction", type=float, default=0.15, help="mean masked fraction of patches")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--search-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
@@ -40,8 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dev, B, d, N, V = torch.device(args.device), args.batch, 256, 196, 12
-    cls_loss = SOPLoss(65536, d, 4096, 8).to(dev)
-    mim_loss = SOPMIMLoss(8192, d, 512, 0).to(dev)
+    cls_loss = SOPLoss(args.memory_size, d, args.anchors, 8).to(dev)
+    mim_loss = SOPMIMLoss(args.patch_memory_size, d, args.patch_anchors, 0).to(dev)
     student_cls = F.normalize(torch.randn(V * B, d, device=dev), dim=1).requires_grad_(True)
     teacher_cls = F.normalize(torch.randn(2 * B, d, device=dev), dim=1)
     masks = torch.rand(2 * B, N, device=dev) < args.mask_fraction
@@ -61,7 +65,7 @@ def main() -> None:
         student_cls.grad = student_patches.grad = None
         sync()
 
-    anchors = cls_loss.memory.embeddings[:4096].clone()
+    anchors = cls_loss.memory.embeddings[: args.anchors].clone()
     bank = cls_loss.memory.embeddings
 
     def matmul():  # in blocks of 1024 anchors, as the library searches (a 4096 x 65536 block is 1 GB)
@@ -72,11 +76,11 @@ def main() -> None:
     # the distinct supports of the [CLS] SOPs (at most K (k + 1): a row shared by SOPs is scored once)
     S = distinct_supports(cls_loss.build(1))[0].shape[0]
     supports = torch.randn(S, d, device=dev)
-    patch_supports = torch.randn(512, d, device=dev)
+    patch_supports = torch.randn(args.patch_anchors, d, device=dev)
     n_masked = int(masks.sum())
     x_cls, x_t = torch.randn(V * B, d, device=dev), torch.randn(2 * B, d, device=dev)
     x_p = torch.randn(n_masked, d, device=dev)
-    pi_cls, pi_p = torch.randn(V * B, S, device=dev), torch.randn(n_masked, 512, device=dev)
+    pi_cls, pi_p = torch.randn(V * B, S, device=dev), torch.randn(n_masked, args.patch_anchors, device=dev)
 
     def floor():
         for block in anchors.split(1024):  # the neighbour search
@@ -89,7 +93,7 @@ def main() -> None:
     times = best_of_interleaved({"loss": loss_step, "mm": matmul, "floor": floor}, args.repeats)
     t_loss, t_mm, t_floor = times["loss"], times["mm"], times["floor"]
     print(f"device {dev}, threads {torch.get_num_threads()}, masked patches {n_masked}, distinct [CLS] supports "
-          f"{S} of {4096 * 9}")  # fmt: skip
+          f"{S} of {args.anchors * 9}")  # fmt: skip
     print(f"SOP losses fwd+bwd           : {t_loss * 1e3:9.1f} ms")
     print(f"anchors x bank mm            : {t_mm * 1e3:9.1f} ms")
     print(f"floor (search + SOP products): {t_floor * 1e3:9.1f} ms")

@@ -53,3 +53,24 @@ def test_throughput_benchmark_smoke(fake_fmnist, tmp_path):
         for name in ("library dino", "library ibot", "library sop", "lightly dino", "bare dino"):
             assert f"{mode:6s} {name}" in out, out
         assert f"{mode}: library DINO / lightly DINO = " in out and f"{mode}: SOP step / iBOT step = " in out
+
+
+def test_sop_loss_benchmark_smoke(tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "sop_loss.py"), "--repeats", "1", "--batch", "2", "--memory-size", "512",
+                "--anchors", "32", "--patch-memory-size", "128", "--patch-anchors", "8"], tmp_path)  # fmt: skip
+    assert "losses / floor" in out and "distinct [CLS] supports" in out and "bfloat16 search mm" in out
+
+
+def test_knn_benchmark_smoke(tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "knn.py"), "--train", "300", "--test", "50", "--dim", "16", "--classes",
+                "5", "--repeats", "1"], tmp_path)  # fmt: skip
+    assert "knn_classify[auto]" in out and "agree on the first" in out and "True" in out
+
+
+def test_ddp_throughput_benchmark_smoke(fake_fmnist, tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "ddp_throughput.py"), "--method", "dino", "--batch", "4", "--steps", "4",
+                "--warmup", "1", "--strategy", "ddp_spawn", "--data.init_args.root", str(fake_fmnist),
+                "--data.init_args.num_workers", "0", "--model.init_args.depth", "1",
+                "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2",
+                "--model.init_args.hidden_dim", "32"], tmp_path, timeout=400)  # fmt: skip
+    assert "2 ranks / 1 process = " in out
