@@ -258,9 +258,9 @@ def distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
     flat = sops.supports.detach().reshape(K * S, d)
     if sops.rows is None:
         return flat, torch.arange(K * S, device=flat.device)
-    rows, inverse = torch.unique(sops.rows.reshape(-1), return_inverse=True)
-    first = torch.empty_like(rows).scatter_(0, inverse, torch.arange(K * S, device=inverse.device))
-    return flat[first], inverse
+    _, inverse, counts = torch.unique(sops.rows.reshape(-1), return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)  # the columns grouped by row (deterministic on GPUs too)
+    return flat[order[counts.cumsum(0) - counts]], inverse  # each row from its first column
 
 
 def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
