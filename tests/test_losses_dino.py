@@ -113,3 +113,39 @@ def test_errors():
         DINOLoss(4, student_temp=0)
     with pytest.raises(ValueError, match="masks"):
         IBOTPatchLoss(4)(torch.randn(3, 4), torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), 0.04)
+
+
+@pytest.mark.parametrize("views", [2, 3, 6])
+def test_cross_view_mean_equals_the_mean_over_pairs(views):
+    """Against the pair loop written here (float64): value and gradient; a target's zeros may face -inf
+    log-probabilities of other views (0 log 0 = 0), and a view's -inf against its own target is ignored."""
+    from sop_lightning.losses.common import cross_view_mean
+
+    g = torch.Generator().manual_seed(views)
+    B, K = 3, 5
+    targets = torch.softmax(torch.randn(2, B, K, generator=g, dtype=torch.float64), -1)
+    targets[0, 0, 1] = 0.0
+    logits = torch.randn(views, B, K, generator=g, dtype=torch.float64)
+    log_preds = torch.log_softmax(logits, -1)
+    log_preds[views - 1, 0, 1] = float("-inf")  # faces target 0's zero; with 2 views view 1 is target 1's own
+    if views > 2:
+        targets[1, 0, 1] = 0.0
+    log_preds.requires_grad_(True)
+    got = cross_view_mean(list(targets), list(log_preds))
+    pairs, want = 0, 0.0
+    for q in range(2):
+        for v in range(views):
+            if v != q:
+                terms = [-(t * lp) if t > 0 else 0.0 for t, lp in zip(targets[q].flatten(), log_preds[v].flatten())]
+                want = want + sum(terms) / B
+                pairs += 1
+    want = want / pairs
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    (grad_got,) = torch.autograd.grad(got, log_preds)
+    grad_want = torch.zeros_like(log_preds)
+    for q in range(2):
+        for v in range(views):
+            if v != q:
+                grad_want[v] -= targets[q] / (B * pairs)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-12, atol=1e-15)

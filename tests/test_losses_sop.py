@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sop_lightning.losses.sop as sop_module
 from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities, sop_rows
 
 
@@ -35,7 +36,12 @@ def test_probabilities_match_dense_y():
     assert (got >= 0).all()
 
 
-def test_build_sops_matches_brute_force_neighbours():
+@pytest.mark.parametrize("search_block", [None, 15])
+def test_build_sops_matches_brute_force_neighbours(search_block, monkeypatch):
+    """Also with the pool searched in slices of 5 rows (15 scores a block for 3 anchors): the slices' top-k
+    merged must be the top-k of the whole pool."""
+    if search_block is not None:
+        monkeypatch.setattr(sop_module, "_CPU_SEARCH_BLOCK", search_block)
     memory = _unit(40, 6, seed=3).float()
     anchors = torch.tensor([0, 5, 17, 39])
     k = 4
@@ -223,7 +229,6 @@ def test_shared_supports_are_scored_once_with_the_dense_result_and_gradient():
 
 
 def test_per_rank_anchors_differ_between_ranks(monkeypatch):
-    import sop_lightning.losses.sop as sop_module
 
     shared = SOPLoss(memory_size=100, dim=4, num_anchors=10, num_neighbors=2)
     per_rank = SOPLoss(memory_size=100, dim=4, num_anchors=10, num_neighbors=2, per_rank_anchors=True)
@@ -236,10 +241,14 @@ def test_per_rank_anchors_differ_between_ranks(monkeypatch):
 
 
 @pytest.mark.parametrize("search_dtype", ["bfloat16", "float16"])
-def test_half_precision_search_picks_the_exact_neighbours_except_near_ties(search_dtype):
+@pytest.mark.parametrize("search_block", [None, 200 * 300])
+def test_half_precision_search_picks_the_exact_neighbours_except_near_ties(search_dtype, search_block, monkeypatch):
     """Against a float64 brute force written here: every chosen neighbour set equals the exact top-k unless
     the k-th and (k+1)-th exact cosines are closer than the search dtype's resolution; the returned
-    contributions (cosines) are the fp32 values of the chosen rows."""
+    contributions (cosines) are the fp32 values of the chosen rows. Also with the pool searched in slices of
+    300 rows."""
+    if search_block is not None:
+        monkeypatch.setattr(sop_module, "_CPU_SEARCH_BLOCK", search_block)
     g = torch.Generator().manual_seed(0)
     M, d, K, k = 3000, 64, 200, 8
     memory = torch.nn.functional.normalize(torch.randn(M, d, generator=g), dim=1)
@@ -266,3 +275,24 @@ def test_half_precision_search_picks_the_exact_neighbours_except_near_ties(searc
     assert exact_mismatch <= K // 20
     same = (sops.supports == ref.supports).all(-1).all(-1).float().mean()
     assert same >= 0.95
+
+
+def test_auto_search_dtype_follows_the_hardware(monkeypatch):
+    """``"auto"``: bf16 on CPUs with native bf16 products, fp32 on others and on devices without a rule;
+    explicit dtypes pass through; unknown names are refused with the argument named."""
+    from sop_lightning.losses.sop import resolve_search_dtype
+
+    cpu = torch.device("cpu")
+    for bf16, amx, want in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert resolve_search_dtype("auto", cpu) == want
+    assert resolve_search_dtype("float16", cpu) == "float16"
+    assert resolve_search_dtype("auto", torch.device("meta")) == "float32"
+    with pytest.raises(ValueError, match="search_dtype must be .* got 'bf16'"):
+        resolve_search_dtype("bf16", cpu)
+    # the losses accept it and, on a CPU without bf16, search exactly as fp32
+    memory = F.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    anchors = torch.arange(0, 300, 10)
+    auto = build_sops(memory, anchors, 4, search_dtype="auto")
+    assert torch.equal(auto.rows, build_sops(memory, anchors, 4).rows)

@@ -25,6 +25,7 @@ __all__ = [
     "build_sops",
     "sop_rows",
     "distinct_supports",
+    "resolve_search_dtype",
     "sop_probabilities",
     "SOPLoss",
     "SOPMIMLoss",
@@ -63,46 +64,87 @@ def _check_sop_sizes(memory: Tensor, anchor_idx: Tensor, num_neighbors: int, min
         )
 
 
-SearchDtype = Literal["float32", "bfloat16", "float16"]
+SearchDtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+#: Scores in one block of the neighbour search on CPUs (16 MB: recycled by the allocator, its top-k reads them
+#: from the cache; 1024 anchors × 4096 rows).
+_CPU_SEARCH_BLOCK = 1 << 22
 
 
 def _check_search_dtype(search_dtype: str) -> None:
     if search_dtype not in get_args(SearchDtype):
-        raise ValueError(f"search_dtype must be 'float32', 'bfloat16' or 'float16', got {search_dtype!r}")
+        raise ValueError(f"search_dtype must be 'float32', 'bfloat16', 'float16' or 'auto', got {search_dtype!r}")
+
+
+def resolve_search_dtype(search_dtype: SearchDtype, device: torch.device) -> str:
+    """``"auto"`` → ``"bfloat16"`` where ``device`` multiplies bf16 matrices natively — CUDA GPUs with bf16
+    support, CPUs with AVX512-BF16 or AMX — else ``"float32"``; other values are returned as they are.
+    (On CPUs without those instructions a bf16 product is emulated and slower than fp32.)"""
+    _check_search_dtype(search_dtype)
+    if search_dtype != "auto":
+        return search_dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    if device.type == "cpu":
+        cpu = torch.cpu
+        native = (
+            getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        )
+        return "bfloat16" if native else "float32"
+    return "float32"
 
 
 def _neighbours(
     memory: Tensor, anchor_idx: Tensor, num_neighbors: int, chunk_size: int, search_dtype: SearchDtype = "float32"
 ) -> tuple[Tensor, Tensor]:
-    """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2).
+    """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2),
+    by descending cosine.
 
-    ``search_dtype`` below fp32: the ``K × (M−K)`` scores are computed in that dtype (the one product
-    that grows with the bank), the top ``2k`` candidates are kept, and their cosines are recomputed in the
-    memory's dtype to choose and order the final ``k``; so only ties within half-precision resolution of
-    the ``k``-th cosine can change the choice, and the returned cosines are exact."""
+    The ``K × (M−K)`` scores are computed in blocks of ``chunk_size`` anchors × a slice of the candidate
+    rows; each block keeps its top ``k`` and the blocks' candidates are merged (a row's top ``k`` lie
+    among its blocks' top ``k``). On CPUs a block has ``_CPU_SEARCH_BLOCK`` scores, so its top-``k`` reads
+    them from cache instead of memory (the search runs ≈ 25 % faster than one product and a top-``k`` over
+    whole rows at the paper's sizes); on other devices a block spans the whole pool.
+
+    ``search_dtype`` below fp32: the scores are computed in that dtype (the one product that grows with the
+    bank), the top ``2k`` candidates are kept, and their cosines are recomputed in the memory's dtype to
+    choose and order the final ``k``; so only ties within half-precision resolution of the ``k``-th cosine
+    can change the choice, and the returned cosines are exact."""
     K = anchor_idx.numel()
     if num_neighbors == 0:
         return memory.new_zeros(K, 0), anchor_idx.new_zeros(K, 0)
-    _check_search_dtype(search_dtype)
-    low = search_dtype != "float32" and memory.dtype != getattr(torch, search_dtype)
-    anchors = memory[anchor_idx]
+    search_dtype = resolve_search_dtype(search_dtype, memory.device)
+    low_dtype = getattr(torch, search_dtype)
+    low = search_dtype != "float32" and memory.dtype != low_dtype
+    anchors = memory.index_select(0, anchor_idx)  # row gathers by index_select: ~4x faster than [] on CPUs
     is_anchor = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
     is_anchor[anchor_idx] = True
     pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
-    pool = memory[pool_idx]
-    pool_t = (pool.to(getattr(torch, search_dtype)) if low else pool).T  # (d, M - K): GEMM reads it transposed
-    candidates = min(2 * num_neighbors, pool_idx.numel()) if low else num_neighbors
-    scores_list, idx_list = [], []
-    for start in range(0, K, chunk_size):
-        a = anchors[start : start + chunk_size]
-        s, i = ((a.to(pool_t.dtype) if low else a) @ pool_t).topk(candidates, dim=1)
-        if low:  # exact cosines of the candidates, then the top k of those
-            s = torch.einsum("kd,kcd->kc", a, pool[i])
-            s, order = s.topk(num_neighbors, dim=1)
-            i = i.gather(1, order)
-        scores_list.append(s)
-        idx_list.append(pool_idx[i])
-    return torch.cat(scores_list), torch.cat(idx_list)
+    P = pool_idx.numel()
+    candidates = min(2 * num_neighbors, P) if low else num_neighbors
+    chunks = (anchors.to(low_dtype) if low else anchors).split(chunk_size)
+    width = P if memory.device.type != "cpu" else max(1, _CPU_SEARCH_BLOCK // min(chunk_size, K))
+    scores, rows = [], []  # per slice of the pool: each anchor's best scores (K, c) and their memory rows
+    for start in range(0, P, width):
+        slice_rows = pool_idx[start : start + width]
+        block = memory.index_select(0, slice_rows)
+        block_t = (block.to(low_dtype) if low else block).T  # (d, width): GEMM reads it transposed
+        best = [(a @ block_t).topk(min(candidates, slice_rows.numel()), dim=1) for a in chunks]
+        scores.append(torch.cat([s for s, _ in best]))
+        rows.append(slice_rows[torch.cat([i for _, i in best])])
+    s, i = torch.cat(scores, 1), torch.cat(rows, 1)
+    if len(scores) > 1:
+        s, order = s.topk(candidates, dim=1)
+        i = i.gather(1, order)
+    if low:  # exact cosines of the candidates (in blocks of 128 anchors: small buffers), then their top k
+        s = torch.cat([
+            torch.einsum("kd,kcd->kc", a_b, memory.index_select(0, i_b.flatten()).view(*i_b.shape, -1))
+            for a_b, i_b in zip(anchors.split(128), i.split(128))
+        ])  # fmt: skip
+        s, order = s.topk(num_neighbors, dim=1)
+        i = i.gather(1, order)
+    return s, i
 
 
 @torch.no_grad()
@@ -130,7 +172,8 @@ def build_sops(
 
     Neighbours are the top-``num_neighbors`` rows by cosine among the **non-anchor** rows, searched in
     fp32 in chunks of ``chunk_size`` anchors (so 4096 × 65 536 fits in memory), or with ``search_dtype``
-    scores in half precision and the candidates re-ranked in fp32 (:func:`_neighbours`). Contributions (§3.2
+    scores in half precision and the candidates re-ranked in fp32 (:func:`_neighbours`; ``"auto"``:
+    :func:`resolve_search_dtype`). Contributions (§3.2
     step 5): ``"soft"`` anchor ``1-ε``, neighbour its cosine; ``"onehot"`` all 1; ``"uniform"`` all
     ``1-ε``; clamped into ``[0, 1]`` when ``clamp``. No gradient flows into the memory.
     """
@@ -144,7 +187,7 @@ def build_sops(
         memory = at_least_fp32(memory.detach())
         scores, idx = _neighbours(memory, anchor_idx, num_neighbors, chunk_size, search_dtype)
         rows = torch.cat([anchor_idx.view(-1, 1), idx], dim=1)  # (K, k+1)
-        supports = memory[rows]
+        supports = memory.index_select(0, rows.flatten()).view(*rows.shape, -1)
         if contribution == "soft":
             contributions = torch.cat([scores.new_full((K, 1), 1.0 - smoothing), scores], dim=1)
         elif contribution == "onehot":
@@ -169,7 +212,7 @@ class _SOPProbabilities(torch.autograd.Function):
     of ``N·K(k+1)·d`` (the search picks neighbours in dense regions, and a bank smaller than ``K(k+1)`` rows
     must repeat rows). The support → SOP weights form a sparse matrix ``W`` ``(K, U)`` (``k+1`` entries a
     row), so the per-SOP sums are sparse products and no ``N × K(k+1)`` buffer is built; the normaliser and
-    ``Q`` are two more rows of the same product.
+    ``Q`` are one dense ``(2, U) @ (U, N)`` product.
 
     With ``e_u = exp(s_u − max)``, ``Z = Σ_u m_u e_u``, ``w_ji = (K c_ji − 1)/(K − 1)``, ``Q = Σ_u C_u e_u / Z``
     (``C_u`` the contributions of row ``u`` summed over its columns):
@@ -188,10 +231,12 @@ class _SOPProbabilities(torch.autograd.Function):
         w = ((K * c - 1.0) / (K - 1)).reshape(K * S)
         m = torch.bincount(inverse, minlength=U).to(e.dtype)
         c_rows = torch.zeros(U, dtype=e.dtype, device=e.device).index_add_(0, inverse, c.reshape(K * S))
-        sums = _csr(*_sop_rows_layout(inverse, w, m, c_rows, K), (K + 2, U)) @ e  # [W e; Z; Q·Z], (K + 2, N)
-        z = sums[K]
-        q = sums[K + 1].div_(z)
-        p = sums[:K].div_(z).add_((1.0 - q).div_(K - 1)).T  # (N, K)
+        # Z and Q·Z as a dense (2, U) @ (U, N) product: as two dense rows of the sparse product each would be
+        # summed by one thread
+        z, q = torch.stack([m, c_rows]) @ e  # (N,) each
+        q = q.div_(z)
+        sums = _csr(*_sop_rows_layout(inverse, w, K), (K, U)) @ e  # W e, (K, N)
+        p = sums.div_(z).add_((1.0 - q).div_(K - 1)).T  # (N, K)
         ctx.save_for_backward(e, z, unique, inverse, m, c_rows, w, p, q)
         ctx.inv_tau = inv_tau
         return p
@@ -213,14 +258,10 @@ class _SOPProbabilities(torch.autograd.Function):
         return dx.mul_((ctx.inv_tau / z).unsqueeze(1)), None, None, None, None
 
 
-def _sop_rows_layout(inverse: Tensor, w: Tensor, m: Tensor, c_rows: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR ``(crow, col, values)`` of ``[W; m; C]`` ``(K + 2, U)``: row ``j < K`` holds ``w_ji`` at the columns
-    ``inverse[j·S + i]``, then the multiplicities and the summed contributions as two dense rows."""
-    S, U = inverse.numel() // K, m.numel()
-    dev = inverse.device
-    crow = torch.cat([torch.arange(0, K * S + 1, S, device=dev), torch.tensor([K * S + U, K * S + 2 * U], device=dev)])
-    cols = torch.arange(U, device=dev)
-    return crow, torch.cat([inverse, cols, cols]), torch.cat([w, m, c_rows])
+def _sop_rows_layout(inverse: Tensor, w: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR ``(crow, col, values)`` of ``W`` ``(K, U)``: row ``j`` holds ``w_ji`` at the columns ``inverse[j·S + i]``."""
+    S = inverse.numel() // K
+    return torch.arange(0, K * S + 1, S, device=inverse.device), inverse, w
 
 
 def _support_rows_layout(
@@ -258,9 +299,13 @@ def distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
     flat = sops.supports.detach().reshape(K * S, d)
     if sops.rows is None:
         return flat, torch.arange(K * S, device=flat.device)
-    _, inverse, counts = torch.unique(sops.rows.reshape(-1), return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)  # the columns grouped by row (deterministic on GPUs too)
-    return flat[order[counts.cumsum(0) - counts]], inverse  # each row from its first column
+    rows = sops.rows.reshape(-1)
+    # the distinct rows ascending, without a sort: mark the rows present, number them by a running count
+    present = torch.zeros(int(rows.max()) + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+    inverse = (present.cumsum(0) - 1).index_select(0, rows)
+    columns = torch.arange(rows.numel(), device=rows.device)
+    first = columns.new_full((int(present.sum()),), rows.numel()).scatter_reduce_(0, inverse, columns, "amin")
+    return flat.index_select(0, first), inverse  # each row from its first column (deterministic on GPUs too)
 
 
 def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
