@@ -276,6 +276,8 @@ class BareLoop:
 # ---------------------------------------------------------------------------------------------------- runs
 def library_run(method: str, args, batch, steps: int, workdir: Path, datamodule: SSLDataModule | None) -> list[float]:
     model_args, _ = preset(args.preset, method)
+    if method == "sop" and args.search_dtype != "config":
+        model_args["search_dtype"] = args.search_dtype
     torch.manual_seed(0)
     model = getattr(sop_lightning, METHODS[method])(**model_args)
     clock = StepClock()
@@ -399,6 +401,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--images", type=int, default=2048, help="synthetic JPEGs of the imagenet preset")
     parser.add_argument("--root", default=DEFAULT_FASHION_MNIST_ROOT, help="Fashion-MNIST folder of the demo preset")
+    parser.add_argument("--search-dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
+                        help="SOP's neighbour-search dtype (default: the config's, 'auto')")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -433,6 +437,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
     print(f"\n{args.preset} preset, batch {args.batch}, {args.precision}, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, best of {args.rounds} rounds")  # fmt: skip
+    if "sop" in args.methods:
+        from sop_lightning.losses.sop import resolve_search_dtype
+
+        search = args.search_dtype if args.search_dtype != "config" else preset(args.preset, "sop")[0].get(
+            "search_dtype", "float32")  # fmt: skip
+        where = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
+        print(f"SOP neighbour search: search_dtype={search!r} -> {resolve_search_dtype(search, where)}")
     for mode in args.modes:
         t = {name: s for (m, name), s in results.items() if m == mode}
         lib = t.get("library dino")
