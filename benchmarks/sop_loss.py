@@ -86,10 +86,11 @@ def main() -> None:
     pi_cls, pi_p = torch.randn(V * B, S, device=dev), torch.randn(n_masked, args.patch_anchors, device=dev)
 
     pool = bank[args.anchors :]  # as many rows as the non-anchor pool the search scores
+    width = 2048 if dev.type == "cpu" else pool.shape[0]  # cache-sized blocks on CPUs; GPUs take whole rows
 
     def floor():
-        for block in anchors.split(1024):  # the neighbour search's product, in cache-sized blocks
-            for rows in pool.split(2048):
+        for block in anchors.split(1024):  # the neighbour search's product
+            for rows in pool.split(width):
                 block @ rows.T
         x_cls @ supports.T, pi_cls @ supports, x_t @ supports.T  # [CLS]: student fwd, bwd, teacher fwd
         x_p @ patch_supports.T, pi_p @ patch_supports, x_p @ patch_supports.T  # masked patches, same

@@ -38,19 +38,13 @@ def cross_view_mean(targets: list[Tensor], log_preds: list[Tensor]) -> Tensor:
     ``2(V−1)`` cross-entropies. The sums skip view ``q`` rather than subtract it (no cancellation).
     """
     Q, V = len(targets), len(log_preds)
-    rest = None  # the student views that are no target's own view
-    for log_pred in log_preds[Q:]:
-        rest = log_pred if rest is None else rest + log_pred
+    rest = [sum(log_preds[Q + 1 :], log_preds[Q])] if V > Q else []  # the views that are no target's own
     total, pairs = log_preds[0].new_zeros(()), 0
     for q, target in enumerate(targets):
-        others = [log_preds[v] for v in range(min(Q, V)) if v != q] + ([rest] if rest is not None else [])
-        if not others:
-            continue
-        summed = others[0]
-        for log_pred in others[1:]:
-            summed = summed + log_pred
-        total = total + cross_entropy(target, summed).mean()
-        pairs += V - (1 if q < V else 0)
+        others = [log_preds[v] for v in range(min(Q, V)) if v != q] + rest
+        if others:
+            total = total + cross_entropy(target, sum(others[1:], others[0])).mean()
+            pairs += V - (1 if q < V else 0)
     return total / pairs
 
 

@@ -302,9 +302,10 @@ def distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
     rows = sops.rows.reshape(-1)
     # the distinct rows ascending, without a sort: mark the rows present, number them by a running count
     present = torch.zeros(int(rows.max()) + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
-    inverse = (present.cumsum(0) - 1).index_select(0, rows)
+    running = present.cumsum(0)  # its last entry is the number of distinct rows
+    inverse = (running - 1).index_select(0, rows)
     columns = torch.arange(rows.numel(), device=rows.device)
-    first = columns.new_full((int(present.sum()),), rows.numel()).scatter_reduce_(0, inverse, columns, "amin")
+    first = columns.new_full((int(running[-1]),), rows.numel()).scatter_reduce_(0, inverse, columns, "amin")
     return flat.index_select(0, first), inverse  # each row from its first column (deterministic on GPUs too)
 
 
