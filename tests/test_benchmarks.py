@@ -19,6 +19,13 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
            "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
            "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
+    results.mkdir()
+    machine = {"device": "cpu", "processor": "x", "cpu_count": 2, "torch": "t", "platform": "p"}
+    for method, name, top1 in (("dino", "DINO", 11.0), ("sop", "SOP", 12.0)):  # rows of an earlier recipe
+        old = {"method": method, "name": name, "tag": "previous", "machine": machine, "top1": top1, "top5": 50.0,
+               "student_top1": None, "steps": 3, "images_per_second": 1.0, "train_seconds": 60.0,
+               "wall_seconds": 60.0, "curve": [], "command": "old"}  # fmt: skip
+        (results / f"quality_cpu_{method}_previous.json").write_text(json.dumps(old))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -27,6 +34,8 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert (results / "quality_cpu_raw_pixels_centred.json").exists()
     text = (docs / "benchmarks.md").read_text()
     assert "| SOP |" in text and "raw pixels" in text and (docs / "quality_cpu.png").exists()
+    # a method not re-run keeps its earlier row, marked; a re-run method shows only its new row
+    assert "| DINO † | 11.00 |" in text and "† Not yet re-run" in text and "| SOP † |" not in text
     assert (docs / "retrievals_cpu.png").exists() and (docs / "sops_cpu.png").exists() and "![SOPs]" in text
 
 

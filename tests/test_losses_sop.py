@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import sop_lightning.losses.sop as sop_module
-from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities, sop_rows
+from sop_lightning.losses import koleo_loss
+from sop_lightning.losses.sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, sop_probabilities, sop_rows
 
 
 def _unit(*shape, seed=0):

@@ -308,3 +308,37 @@ def test_momentum_teacher_end():
     assert DINO(num_prototypes=32, **TINY).hparams.momentum_teacher_end == 1.0  # the papers' default
     with pytest.raises(ValueError, match=r"momentum_teacher_end must be in \[0.0, 1.0\], got 1.5"):
         DINO(momentum_teacher_end=1.5, **TINY)
+
+
+def _koleo_reference(x: torch.Tensor) -> float:
+    """Brute force: each re-normalised row's distance to its nearest other row."""
+    rows = [r / r.norm() for r in x.double()]
+    dists = [min((rows[i] - rows[j]).norm() for j in range(len(rows)) if j != i) for i in range(len(rows))]
+    return -sum(math.log(float(d) + 1e-8) for d in dists) / len(rows)
+
+
+@pytest.mark.parametrize("cls", [DINO, IBOT, SOP])
+def test_koleo_weight_adds_the_regulariser_to_every_method(cls, fake_fmnist, monkeypatch):
+    """``koleo_weight`` is shared: the step's loss is the objective's plus ``λ·KoLeo``, KoLeo averaged over
+    the two global views' student [CLS] chunks (§4.4), and ``train/koleo_loss`` is logged."""
+    weight = 0.3
+    kwargs = SOP_SMALL if cls is SOP else dict(num_prototypes=32)
+    model = cls(koleo_weight=weight, **kwargs, **TINY)
+    seen = []
+    original = model.compute_losses
+
+    def spy(student, teacher, masks, temp):
+        out = original(student, teacher, masks, temp)
+        seen.append((student.cls.detach().clone(), teacher.cls.shape[0] // 2, float(out["loss"])))
+        return out
+
+    monkeypatch.setattr(model, "compute_losses", spy)
+    trainer = _trainer(max_steps=1, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(model, _data(fake_fmnist))
+    ((cls_rows, batch, objective),) = seen
+    koleo = (_koleo_reference(cls_rows[:batch]) + _koleo_reference(cls_rows[batch : 2 * batch])) / 2
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/koleo_loss"]) == pytest.approx(koleo, rel=1e-4)
+    assert float(metrics["train/loss"]) == pytest.approx(objective + weight * koleo, rel=1e-4)
+    with pytest.raises(ValueError, match="koleo_weight"):
+        cls(koleo_weight=-0.1, **kwargs, **TINY)

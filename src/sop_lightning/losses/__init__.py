@@ -1,8 +1,8 @@
 """Training objectives: pure tensor functions plus thin stateful modules (ALGORITHMS.md §3–§7)."""
 
-from .common import cross_entropy
+from .common import cross_entropy, koleo_loss
 from .dino import Center, DINOLoss, IBOTPatchLoss
-from .sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, koleo_loss, sop_probabilities
+from .sop import SOPLoss, SOPMIMLoss, SOPs, build_sops, sop_probabilities
 from .vmf import log_vmf_normalizer, vmf_bias, vmf_logits
 
 __all__ = [

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["compute_dtype", "at_least_fp32", "cross_entropy", "cross_view_mean", "masked_image_mean"]
+__all__ = [
+    "compute_dtype",
+    "at_least_fp32",
+    "cross_entropy",
+    "cross_view_mean",
+    "koleo_loss",
+    "masked_image_mean",
+]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -57,3 +65,16 @@ def masked_image_mean(per_token: Tensor, masks: Tensor) -> Tensor:
     counts = masks.sum(1).clamp(min=1).to(per_token.dtype)
     image_of_token = torch.arange(masks.shape[0], device=masks.device).unsqueeze(1).expand_as(masks)[masks]
     return (per_token / counts[image_of_token]).sum() / masks.shape[0]
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo regulariser (ALGORITHMS.md §4.4, DINOv2): ``-mean_i log(||x_i - x_nn(i)|| + eps)`` over the rows
+    of ``x`` ``(B, d)``, re-normalised, ``nn(i)`` the nearest other row. Spreads the embeddings of a batch
+    (a differential entropy estimate); any method can add it (``koleo_weight``)."""
+    x = F.normalize(at_least_fp32(x), dim=-1, eps=eps)
+    with torch.no_grad():
+        sims = x @ x.T
+        sims.fill_diagonal_(float("-inf"))
+        nn_idx = sims.argmax(dim=1)
+    dist = (x - x[nn_idx]).norm(dim=-1)
+    return -(dist + eps).log().mean()

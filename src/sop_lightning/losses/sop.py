@@ -11,7 +11,6 @@ import warnings
 from typing import Literal, NamedTuple, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import rank as current_rank
@@ -29,7 +28,6 @@ __all__ = [
     "sop_probabilities",
     "SOPLoss",
     "SOPMIMLoss",
-    "koleo_loss",
 ]
 
 Contribution = Literal["soft", "onehot", "uniform"]
@@ -330,17 +328,6 @@ def sop_probabilities(x: Tensor, sops: SOPs, temperature: float) -> Tensor:
         p = _SOPProbabilities.apply(flat, unique.to(dtype), inverse, sops.contributions.detach().to(dtype),
                                     1.0 / temperature)  # fmt: skip
         return p.reshape(*x.shape[:-1], K)
-
-
-def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """KoLeo regulariser (§4.4): ``-mean_i log(||x_i - x_nn(i)|| + eps)`` on re-normalised rows."""
-    x = F.normalize(at_least_fp32(x), dim=-1, eps=eps)
-    with torch.no_grad():
-        sims = x @ x.T
-        sims.fill_diagonal_(float("-inf"))
-        nn_idx = sims.argmax(dim=1)
-    dist = (x - x[nn_idx]).norm(dim=-1)
-    return -(dist + eps).log().mean()
 
 
 def _log(p: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..callbacks.memory import MemoryEnqueue
-from ..losses.sop import SOPLoss, SOPMIMLoss, koleo_loss
+from ..losses.sop import SOPLoss, SOPMIMLoss
 from ..memory import MemoryBank
 from ..network import Embeddings
 from ..seeding import mix_seed
@@ -26,7 +26,7 @@ class SOP(SelfDistillation):
         num_anchors, num_neighbors: ``K`` (4096) and ``k`` (8) of the [CLS] SOPs.
         num_patch_anchors, num_patch_neighbors: ``K_P`` (512) and ``k_P`` (0) of the patch SOPs.
         contribution: ``"soft"``, ``"onehot"`` or ``"uniform"``; smoothing: ``ε`` (0.1).
-        mim_weight: ``λ2``; koleo_weight: ``λ_KoLeo`` (0 = off).
+        mim_weight: ``λ2`` (``λ_KoLeo`` is the shared ``koleo_weight``).
         memory_fill_steps: for the first steps only fill the banks (the SOP losses are multiplied by 0, §5).
         num_tasks, anchor_keep_fraction: reference-code options (§3.5).
         anchor_mode: ``"random"`` or ``"fixed"`` (the collapse ablation).
@@ -59,7 +59,6 @@ class SOP(SelfDistillation):
         contribution: Literal["soft", "onehot", "uniform"] = "soft",
         smoothing: float = 0.1,
         mim_weight: float = 1.0,
-        koleo_weight: float = 0.0,
         memory_fill_steps: int = 0,
         num_tasks: int = 1,
         anchor_keep_fraction: float = 1.0,
@@ -80,8 +79,8 @@ class SOP(SelfDistillation):
         )  # fmt: skip
         if memory_fill_steps < 0:
             raise ValueError(f"memory_fill_steps must be >= 0, got {memory_fill_steps}")
-        if mim_weight < 0 or koleo_weight < 0:
-            raise ValueError(f"mim_weight and koleo_weight must be >= 0, got {mim_weight}, {koleo_weight}")
+        if mim_weight < 0:
+            raise ValueError(f"mim_weight must be >= 0, got {mim_weight}")
         if enqueue_views not in ("second", "first", "both"):
             raise ValueError(f"enqueue_views must be 'second', 'first' or 'both', got {enqueue_views!r}")
         if patch_enqueue not in ("random_one", "random_masked_one"):
@@ -132,10 +131,6 @@ class SOP(SelfDistillation):
         if step < hp.memory_fill_steps:  # the banks still hold mostly random rows: no learning signal yet
             loss = loss * 0.0
         out = {"cls_loss": cls_loss.detach(), "mim_loss": mim_loss.detach()}
-        if hp.koleo_weight > 0:
-            koleo = sum(koleo_loss(chunk) for chunk in student.cls[: 2 * batch].split(batch)) / 2
-            loss = loss + hp.koleo_weight * koleo
-            out["koleo_loss"] = koleo.detach()
         if self.training:
             self._queue_memory_updates(teacher, flat, batch)
         return {"loss": loss, **out}
