@@ -5,8 +5,8 @@
 
 Two settings:
 
-* ``demo``: the data of ``make demo`` (``experiments/demo/sop.yaml``: Fashion-MNIST, 2 × 28 + 4 × 14 px crops,
-  block masks);
+* ``demo``: the data of ``make demo`` (``experiments/demo/sop.yaml``: Fashion-MNIST, its global and local
+  crops, block masks; ``benchmarks/results/data_pipeline_cpu.txt`` was measured with 2 × 28 + 4 × 14 px);
 * ``imagenet``: the paper recipes' crops (2 × 224 + 10 × 96 px, DINO's blur / solarisation probabilities,
   block masks on the 14 × 14 grid of a /16 ViT), decoded from a folder of synthetic JPEGs written by the
   benchmark (``--images`` files of ``--image-size`` px, about ImageNet's mean size and file size).

@@ -6,7 +6,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_mean", "all_gather_cat", "all_gather_varsize"]
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "all_reduce_mean",
+    "all_gather_cat",
+    "all_gather_varsize",
+    "all_gather_with_grad",
+]
 
 
 def is_distributed() -> bool:
@@ -57,3 +65,32 @@ def all_gather_varsize(x: Tensor) -> Tensor:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded.contiguous())
     return torch.cat([o[:n] for o, n in zip(out, sizes_int)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: the rank-major concatenation of ``x`` from all ranks. Backward: the gradients of every rank's
+    copy summed (all-reduce), this rank's slice kept — so a loss every rank computes identically on the
+    gathered rows gets, after the data-parallel average of the gradients, exactly the one-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rows = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's buffer is not ours to change
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """:func:`all_gather_cat` through which gradients flow back to every rank's rows (same shape on every
+    rank). For a loss that all ranks compute on the global batch: each rank's rows receive the gradient of
+    every rank's copy, which the data-parallel mean of DDP / FSDP2 turns into the global batch's gradient."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)

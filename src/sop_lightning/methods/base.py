@@ -26,6 +26,7 @@ from ..callbacks.diagnostics import Diagnostics
 from ..callbacks.ema import EMATeacher
 from ..callbacks.knn import KNNEvaluation
 from ..data.datamodule import MultiCropBatch
+from ..distributed import all_gather_with_grad
 from ..heads import ProjectionHead, PrototypeLayer
 from ..losses.common import koleo_loss
 from ..losses.vmf import vmf_bias
@@ -374,8 +375,10 @@ class SelfDistillation(L.LightningModule):
 
     def _add_koleo(self, losses: dict, student_cls: Tensor, batch: int) -> dict:
         """``losses`` with ``λ_KoLeo · KoLeo`` added: the mean over the two global views' chunks ``(B, d)`` of
-        the student's [CLS] embeddings (§4.4)."""
-        koleo = sum(koleo_loss(chunk) for chunk in student_cls[: 2 * batch].split(batch)) / 2
+        the student's [CLS] embeddings (§4.4). Under data parallelism each chunk is the global batch's (all
+        ranks' rows, gradients flowing back to each), so the loss does not depend on the number of ranks."""
+        chunks = [all_gather_with_grad(chunk) for chunk in student_cls[: 2 * batch].split(batch)]
+        koleo = sum(koleo_loss(chunk) for chunk in chunks) / 2
         return {**losses, "loss": losses["loss"] + self.hparams.koleo_weight * koleo, "koleo_loss": koleo.detach()}
 
     @contextmanager
