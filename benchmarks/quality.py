@@ -98,7 +98,7 @@ def _cli_args(method: str, steps: int, points: int, root: Path, tag: str, extra:
         "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
         "--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps), "--trainer.limit_train_batches", "null",
         "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
-        "--trainer.val_check_interval", str(max(1, steps // max(points, 1))), "--trainer.num_sanity_val_steps", "0",
+        "--trainer.val_check_interval", str(steps // max(points, 1) + 1), "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(root),
         "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", f"{method}_{tag}",
     ]  # fmt: skip
@@ -142,7 +142,18 @@ def machine() -> dict:
     threads = torch.get_num_threads()
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"platform": platform.platform(), "processor": processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "torch": torch.__version__, "device": device}  # fmt: skip
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": threads,
+            "torch": torch.__version__, "device": device}  # fmt: skip
+
+
+def machine_tag(where: dict) -> str:
+    """``gpu``, or ``cpu_<vector ISA>`` (``cpu_avx2``, ``cpu_avx512``): the processor name alone ("AMD EPYC")
+    does not tell machines of 2.5x different speed apart, and rows at an equal wall clock compare only on
+    one machine."""
+    if where["device"].startswith("cuda"):
+        return "gpu"
+    capability = re.sub(r"[^a-z0-9]+", "", where.get("cpu_capability", "").lower())
+    return f"cpu_{capability}" if capability else "cpu"
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
@@ -170,7 +181,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     if method == "sop" and args.tag == "main":  # pictures of the trained SOP for docs/benchmarks.md
         from sop_lightning.evaluation import show_retrievals, show_sops
 
-        device = "gpu" if torch.cuda.is_available() else "cpu"
+        device = machine_tag(machine())
         show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
         show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
@@ -211,7 +222,7 @@ def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
 
 
 def _device_tag(result: dict) -> str:
-    return "gpu" if result["machine"]["device"].startswith("cuda") else "cpu"
+    return machine_tag(result["machine"])
 
 
 def save(result: dict, results: Path = RESULTS) -> Path:
@@ -235,16 +246,20 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("quality_*.json"))]
     docs.mkdir(parents=True, exist_ok=True)
     lines = []
-    for device in ("cpu", "gpu"):
-        group = [r for r in rows if _device_tag(r) == device and r.get("tag", "main") in REPORTED_TAGS]
+    # raw pixels and random init give the same numbers on every machine: they stand in every machine's table
+    baselines = {r["name"]: r for r in rows if r["method"] in BASELINES}
+    trained = [r for r in rows if r["method"] not in BASELINES and r.get("tag", "main") in REPORTED_TAGS]
+    devices = sorted({_device_tag(r) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
+    for device in devices:
+        group = [r for r in trained if _device_tag(r) == device]
         rerun = {r["method"] for r in group if r.get("tag", "main") == "main"}
         group = [r for r in group if r.get("tag", "main") == "main" or r["method"] not in rerun]
-        if not group:
-            continue
-        where = group[0]["machine"]
+        where = next((r for r in group if r.get("tag", "main") == "main"), group[0])["machine"]
+        group += list(baselines.values())
         chip = where["device"] if where["device"] != "cpu" else where.get("processor", processor())
-        lines += [f"### {device.upper()}: {chip}, {where['cpu_count']} cores, torch {where['torch']}, "
-                  f"{where['platform']}", "",
+        isa = f" ({where['cpu_capability']})" if where.get("cpu_capability") and where["device"] == "cpu" else ""
+        lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "
+                  f"torch {where['torch']}, {where['platform']}", "",
                   "| method | k-NN top-1 | top-5 | student top-1 | steps | images/s | training time | "
                   "wall time (incl. eval) |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=[], choices=[*METHODS, *BASELINES])
     parser.add_argument("--budget", type=float, default=20.0, help="training minutes per method")
-    parser.add_argument("--points", type=int, default=4, help="k-NN evaluations during training")
+    parser.add_argument("--points", type=int, default=4, help="k-NN evaluations, the last one at the end")
     parser.add_argument("--knn-subset", type=int, default=None, help="quick probes only: k-NN on n/n images")
     parser.add_argument("--set", action="append", default=[], help="LightningCLI override key=value")
     parser.add_argument("--tag", default="main", help="result name suffix; 'main' (and 'previous') are reported")

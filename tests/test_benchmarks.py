@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,23 +23,34 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
            "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
     results.mkdir()
-    machine = {"device": "cpu", "processor": "x", "cpu_count": 2, "torch": "t", "platform": "p"}
-    for method, name, top1 in (("dino", "DINO", 11.0), ("sop", "SOP", 12.0)):  # rows of an earlier recipe
+    here = torch.backends.cpu.get_cpu_capability()  # this machine's rows go together, another machine's apart
+    tag = "cpu_" + re.sub(r"[^a-z0-9]+", "", here.lower())
+    for method, name, top1, isa in (("dino", "DINO", 11.0, here), ("sop", "SOP", 12.0, here),  # an earlier recipe
+                                    ("ibot", "iBOT", 13.0, "OTHERISA")):  # another machine  # fmt: skip
+        machine = {"device": "cpu", "processor": "x", "cpu_count": 2, "torch": "t", "platform": "p",
+                   "cpu_capability": isa}  # fmt: skip
         old = {"method": method, "name": name, "tag": "previous", "machine": machine, "top1": top1, "top5": 50.0,
                "student_top1": None, "steps": 3, "images_per_second": 1.0, "train_seconds": 60.0,
                "wall_seconds": 60.0, "curve": [], "command": "old"}  # fmt: skip
-        (results / f"quality_cpu_{method}_previous.json").write_text(json.dumps(old))
+        (results / f"quality_cpu_{isa.lower()}_{method}_previous.json").write_text(json.dumps(old))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    sop = json.loads((results / "quality_cpu_sop_main.json").read_text())
+    sop = json.loads((results / f"quality_{tag}_sop_main.json").read_text())
     assert sop["steps"] >= 1 and sop["curve"] and 0 <= sop["top1"] <= 100 and sop["images_per_second"] > 0
-    assert (results / "quality_cpu_raw_pixels_centred.json").exists()
+    assert sop["machine"]["cpu_capability"] == here and len(sop["curve"]) == 1  # --points 1: the end only
+    assert (results / f"quality_{tag}_raw_pixels_centred.json").exists()
     text = (docs / "benchmarks.md").read_text()
-    assert "| SOP |" in text and "raw pixels" in text and (docs / "quality_cpu.png").exists()
+    assert "| SOP |" in text and "raw pixels" in text and (docs / f"quality_{tag}.png").exists()
     # a method not re-run keeps its earlier row, marked; a re-run method shows only its new row
     assert "| DINO † | 11.00 |" in text and "† Not yet re-run" in text and "| SOP † |" not in text
-    assert (docs / "retrievals_cpu.png").exists() and (docs / "sops_cpu.png").exists() and "![SOPs]" in text
+    assert (docs / f"retrievals_{tag}.png").exists() and (docs / f"sops_{tag}.png").exists() and "![SOPs]" in text
+    # a row of another machine is a table of its own, which the baselines join (equal wall clock compares
+    # only on one machine); this machine's table does not hold it
+    tables = {s.splitlines()[0].split("(")[1].split(")")[0]: s for s in text.split("### ")[1:]}
+    assert set(tables) == {here, "OTHERISA"}
+    assert "| iBOT † | **13.00** |" in tables["OTHERISA"] and "raw pixels" in tables["OTHERISA"]
+    assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:

@@ -71,3 +71,22 @@ def test_failures_exit_nonzero_with_a_clear_message(fake_fmnist, tmp_path, args,
     proc = _run(cmd, *extra, *rest, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):
+    """``make demo``'s script: the run is planned for --minutes (TimeBudget), ends with a k-NN line, a
+    checkpoint and an exported backbone; a negative --minutes is refused by name."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    demo = [sys.executable, str(ROOT / "scripts" / "demo.py")]
+    args = [*_tiny(fake_fmnist, tmp_path), "--trainer.max_steps", "40", "--trainer.max_epochs", "-1",
+            "--trainer.check_val_every_n_epoch", "1000"]  # fmt: skip
+    proc = subprocess.run([*demo, "--minutes", "0.1", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    _assert_ok(proc)
+    out = proc.stdout + proc.stderr
+    planned = int(out.split(" steps planned for 0.1 training minutes")[0].rsplit(",", 1)[1])
+    assert 1 <= planned <= 40 and f"[demo] SOP after {planned} steps" in out and "top-1" in out
+    assert list(tmp_path.rglob("teacher_backbone.pth"))
+    bad = subprocess.run([*demo, "--minutes", "-1", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--minutes must be >= 0 (0 runs the config's max_steps), got -1.0" in bad.stderr

@@ -4,7 +4,7 @@ Methods: SOP (Self-Organizing Visual Prototypes), DINO and iBOT (and their vMF v
 """
 
 from .backbones import ViTBackbone
-from .callbacks import Diagnostics, EMATeacher, KNNEvaluation, MemoryEnqueue
+from .callbacks import Diagnostics, EMATeacher, KNNEvaluation, MemoryEnqueue, TimeBudget
 from .data import BlockMaskGenerator, LabelledDataModule, MultiCropBatch, MultiCropTransform, SSLDataModule
 from .evaluation import LinearProbe, knn_classify
 from .memory import MemoryBank
@@ -18,6 +18,7 @@ __all__ = [
     "EMATeacher",
     "KNNEvaluation",
     "MemoryEnqueue",
+    "TimeBudget",
     "BlockMaskGenerator",
     "MultiCropBatch",
     "MultiCropTransform",

@@ -158,6 +158,11 @@ class SelfDistillation(L.LightningModule):
             raise ValueError(f"total_steps and steps_per_epoch must be >= 1, got {total_steps}, {steps_per_epoch}")
         self._schedule_override = (int(total_steps), int(steps_per_epoch))
 
+    def refresh_schedule_length(self) -> None:
+        """Read ``T`` from the trainer again at the next step (after ``max_steps`` changed during the fit,
+        as :class:`~sop_lightning.callbacks.TimeBudget` does)."""
+        self._schedule_from_trainer = None
+
     def _schedule_length(self) -> tuple[int, int]:
         if self._schedule_override is not None:
             return self._schedule_override
