@@ -52,7 +52,7 @@ REPORTED_TAGS = {"main": "", "previous": " †"}
 PREVIOUS_RECIPE = (
     "Not yet re-run with the current demo recipe: measured with the previous one (4 local crops, "
     "`global_scale` [0.4, 1], `local_scale` [0.1, 0.4], no KoLeo), whose SOP row read 80.39 / 98.61 "
-    "(`benchmarks/results/quality_cpu_*_previous.json`)."
+    "(`benchmarks/results/quality_cpu_avx512_*_previous.json`)."
 )
 
 
