@@ -283,7 +283,9 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         for r in group:
             if r["method"] in BASELINES:
                 ax.axhline(r["top1"], ls="--", lw=0.8, color="gray")
-                ax.text(0, r["top1"], r["name"], fontsize=7, va="bottom")
+                ax.text(
+                    0.99, r["top1"], r["name"], fontsize=7, va="bottom", ha="right", transform=ax.get_yaxis_transform()
+                )  # inside the axes, at the right end
             elif r["curve"]:
                 ax.plot([p["train_seconds"] / 60 for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
                         label=r["name"] + REPORTED_TAGS[r.get("tag", "main")])  # fmt: skip
