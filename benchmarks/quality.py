@@ -221,17 +221,13 @@ def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def _device_tag(result: dict) -> str:
-    return machine_tag(result["machine"])
-
-
 def save(result: dict, results: Path = RESULTS) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     if result["method"] in BASELINES:
         name = re.sub(r"[^a-z0-9]+", "_", result["name"].lower()).strip("_")
     else:
         name = f"{result['method']}_{result.get('tag', 'main')}"
-    path = results / f"quality_{_device_tag(result)}_{name}.json"
+    path = results / f"quality_{machine_tag(result['machine'])}_{name}.json"
     path.write_text(json.dumps(result, indent=1))
     return path
 
@@ -249,9 +245,9 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     # raw pixels and random init give the same numbers on every machine: they stand in every machine's table
     baselines = {r["name"]: r for r in rows if r["method"] in BASELINES}
     trained = [r for r in rows if r["method"] not in BASELINES and r.get("tag", "main") in REPORTED_TAGS]
-    devices = sorted({_device_tag(r) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
+    devices = sorted({machine_tag(r["machine"]) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
     for device in devices:
-        group = [r for r in trained if _device_tag(r) == device]
+        group = [r for r in trained if machine_tag(r["machine"]) == device]
         rerun = {r["method"] for r in group if r.get("tag", "main") == "main"}
         group = [r for r in group if r.get("tag", "main") == "main" or r["method"] not in rerun]
         where = next((r for r in group if r.get("tag", "main") == "main"), group[0])["machine"]

@@ -84,12 +84,12 @@ class TimeBudget(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step, now = trainer.global_step, _clock()
-        if step <= self._last_step:
-            return  # accumulating: the optimizer did not step
+        if self.planned_steps is not None or step <= self._last_step:
+            return  # planned (nothing more to time), or accumulating: the optimizer did not step
         if self._last_time is not None and step > self.warmup_steps:
             self._gaps.append((now - self._last_time) / (step - self._last_step))
         self._last_step, self._last_time = step, now
-        if self.planned_steps is None and len(self._gaps) >= self.calibration_steps - self.warmup_steps - 1:
+        if len(self._gaps) >= self.calibration_steps - self.warmup_steps - 1:
             self._plan(trainer, pl_module, now)
 
     # ------------------------------------------------------------------ plan

@@ -218,7 +218,7 @@ class SelfDistillation(L.LightningModule):
             raise RuntimeError("student and teacher shards do not line up: " + "; ".join(bad[:5]))
 
     def on_fit_start(self) -> None:
-        self._schedule_from_trainer = None  # a new fit may have another trainer, loader or limits
+        self.refresh_schedule_length()  # a new fit may have another trainer, loader or limits
 
     def on_train_epoch_start(self) -> None:
         # each epoch's augmentations come from streams seeded by (seed, rank, worker, epoch)
