@@ -1,12 +1,14 @@
 """Quality at an equal wall-clock budget on Fashion-MNIST (issue 9).
 
-Each method trains from its demo config (``experiments/demo/<method>.yaml``, the same ViT, crops and
-batch) for the same training wall-clock time: a short calibration fit measures seconds per step, and the
-run is planned for ``budget / (s/step)`` steps, so its schedules (lr, momentum, temperatures) end when the
-budget does. The teacher's weighted k-NN (ALGORITHMS.md §11.1: all 60k training images as neighbours, the
-10k test split, k = 20, T = 0.07) is measured at a few points and at the end; evaluation time is not part
-of the budget. One JSON per method lands in ``benchmarks/results/`` as soon as it completes, so long
-sessions can be split; ``--report`` turns them into ``docs/benchmarks.md`` and a PNG plot.
+Each method trains from its demo config (``experiments/demo/<method>.yaml``, the same ViT, crops and batch)
+for the same training wall-clock time: :class:`~sop_lightning.callbacks.TimeBudget` plans the run's steps
+from its first step times and plans again every 100 steps from the latest ones, so the schedules (lr,
+momentum, temperatures) end when the budget does even when the machine's speed drifts (a short calibration
+fit before it only places the evaluation points). The teacher's weighted k-NN (ALGORITHMS.md §11.1: all 60k
+training images as neighbours, the 10k test split, k = 20, T = 0.07) is measured at a few points and at the
+end; evaluation time is not part of the budget. One JSON per method lands in ``benchmarks/results/`` as soon
+as it completes, so long sessions can be split; ``--report`` turns them into ``docs/benchmarks.md`` and a
+PNG plot.
 
 Baselines on the same protocol: ``pixels`` (raw and centred pixels) and ``random_init`` (the demo ViT with
 its random initial weights, under the eval transform).
@@ -37,6 +39,7 @@ import lightning as L
 import torch
 
 from sop_lightning import KNNEvaluation, knn_classify
+from sop_lightning.callbacks import TimeBudget
 from sop_lightning.cli import build_cli
 from sop_lightning.data import FashionMNIST
 
@@ -93,10 +96,11 @@ class StepClock(L.Callback):
         self._pause()
 
 
-def _cli_args(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None):
+def _cli_args(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None,
+              max_steps: int | None = None):  # fmt: skip
     args = [
-        "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
-        "--trainer.max_epochs", "-1", "--trainer.max_steps", str(steps), "--trainer.limit_train_batches", "null",
+        "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"), "--trainer.max_epochs", "-1",
+        "--trainer.max_steps", str(max_steps or steps), "--trainer.limit_train_batches", "null",
         "--trainer.max_time", "null", "--trainer.check_val_every_n_epoch", "null",
         "--trainer.val_check_interval", str(steps // max(points, 1) + 1), "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(root),
@@ -110,9 +114,10 @@ def _cli_args(method: str, steps: int, points: int, root: Path, tag: str, extra:
     return args
 
 
-def _build(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None):
+def _build(method: str, steps: int, points: int, root: Path, tag: str, extra: list[str], subset: int | None,
+           max_steps: int | None = None):  # fmt: skip
     sys.argv = sys.argv[:1]
-    cli = build_cli(_cli_args(method, steps, points, root, tag, extra, subset), run=False)
+    cli = build_cli(_cli_args(method, steps, points, root, tag, extra, subset, max_steps), run=False)
     knn = KNNEvaluation(student=False)
     clock = StepClock(knn)
     cli.trainer.callbacks.extend([knn, clock])
@@ -160,13 +165,20 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     root = args.runs
     # SOP keeps each bank row's image index for the SOP pictures (no effect on training)
     extra = [*args.set, "model.init_args.track_indices=true"] if method == "sop" else args.set
+    budget = None
     if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
         per_step, steps = float("nan"), args.steps
-    else:
+    else:  # the estimate places the evaluation points; TimeBudget plans the run (at most twice the estimate)
         per_step = seconds_per_step(method, root, extra, args.calibration_steps)
         steps = max(1, int(args.budget * 60 / per_step))
+        calib = args.calibration_steps
+        budget = TimeBudget(args.budget, calibration_steps=calib, warmup_steps=min(5, calib // 2))
     L.seed_everything(0)
-    cli, knn, clock = _build(method, steps, args.points, root, args.tag, extra, args.knn_subset)
+    # room for a machine that speeds up; a run too short for TimeBudget to plan ends at the estimate
+    cap = 2 * steps if budget and steps > 2 * args.calibration_steps else steps
+    cli, knn, clock = _build(method, steps, args.points, root, args.tag, extra, args.knn_subset, max_steps=cap)
+    if budget is not None:
+        cli.trainer.callbacks.append(budget)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     knn.student = True
@@ -187,6 +199,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     return {
         "method": method, "name": METHODS[method], "tag": args.tag, "budget_minutes": args.budget,
         "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
+        "seconds_per_step_last_plan": round(budget.seconds_per_step, 4) if budget and budget.seconds_per_step else None,
         "train_seconds": round(clock.train_seconds, 1), "eval_seconds": round(clock.eval_seconds, 1),
         "wall_seconds": round(wall, 1),
         "images_per_second": round(cli.trainer.global_step * batch / clock.train_seconds, 1),
@@ -314,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=[], choices=[*METHODS, *BASELINES])
     parser.add_argument("--budget", type=float, default=20.0, help="training minutes per method")
-    parser.add_argument("--points", type=int, default=4, help="k-NN evaluations, the last one at the end")
+    parser.add_argument("--points", type=int, default=4, help="k-NN evaluations, the last one at the end (spaced "
+                        "by the calibration fit's estimate: one more or less where the run re-plans)")  # fmt: skip
     parser.add_argument("--knn-subset", type=int, default=None, help="quick probes only: k-NN on n/n images")
     parser.add_argument("--set", action="append", default=[], help="LightningCLI override key=value")
     parser.add_argument("--tag", default="main", help="result name suffix; 'main' (and 'previous') are reported")

@@ -78,6 +78,33 @@ def test_bad_arguments():
         TimeBudget(minutes=0)
     with pytest.raises(ValueError, match=r"calibration_steps must be >= warmup_steps \+ 2.*got calibration_steps=6"):
         TimeBudget(minutes=1, calibration_steps=6, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"replan_every must be >= 0 \(0: plan once\), got -1"):
+        TimeBudget(minutes=1, replan_every=-1)
+
+
+class SlowingDown(Ticking):
+    """0.02 s steps up to step 20, then 0.04 s: a machine that slows down after the first plan."""
+
+    def training_step(self, batch, batch_idx):
+        self.step_s = 0.02 if self.global_step < 20 else 0.04
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("replan_every", [0, 10])
+def test_replanning_ends_on_time_when_the_machine_slows_down(clock, replan_every):
+    # budget 8 s. Planned once at step 9 from 0.02 s steps: 9 + (8 - 0.18) / 0.02 = 400 steps, which take
+    # 20 x 0.02 + 380 x 0.04 = 15.6 s. Re-planned every 10 steps from their mean, the run ends within one
+    # window of the budget: 20 x 0.02 + n x 0.04 = 8 s at n = 190, i.e. 210 steps
+    budget = TimeBudget(8 / 60, calibration_steps=10, warmup_steps=2, replan_every=replan_every)
+    model = SlowingDown(clock, step_s=0.02)
+    _trainer(callbacks=[budget], limit_val_batches=0).fit(model, _loader())
+    if replan_every == 0:
+        assert budget.planned_steps == model.trainer.global_step in (399, 400)  # floor of a float division
+        assert clock.now == pytest.approx(20 * 0.02 + (model.trainer.global_step - 20) * 0.04)
+    else:
+        assert abs(clock.now - 8.0) <= 10 * 0.04 and abs(model.trainer.global_step - 210) <= 10
+        assert budget.seconds_per_step == pytest.approx(0.04) and model.refreshed > 1
+    assert budget.train_seconds == pytest.approx(clock.now)  # the clock stops with the fit
 
 
 def test_plan_leaves_validation_out_of_the_budget_and_the_step_times(clock):
@@ -97,12 +124,14 @@ def test_plan_is_capped_by_max_steps_and_kept_on_resume(clock):
     trainer = _trainer(callbacks=[budget], max_steps=12, limit_val_batches=0)
     trainer.fit(Ticking(clock, step_s=0.1), _loader())
     assert budget.planned_steps == 12 and trainer.global_step == 12
+    assert budget.state_dict()["train_seconds"] == pytest.approx(1.2)
     resumed = TimeBudget(minutes=10, calibration_steps=1000)  # would never calibrate by itself
     resumed.load_state_dict({**budget.state_dict(), "planned_steps": 7})
     trainer = _trainer(callbacks=[resumed], limit_val_batches=0)
     model = Ticking(clock, step_s=0.1)
     trainer.fit(model, _loader())
     assert trainer.global_step == 7 and model.refreshed == 1
+    assert resumed.train_seconds == pytest.approx(1.2 + 0.1 * 7)  # the budget spent before the resume counts
     other = TimeBudget(minutes=5)
     other.load_state_dict(budget.state_dict())  # another budget: plans again
     assert other.planned_steps is None
