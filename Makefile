@@ -35,7 +35,7 @@ demo: install data
 	$(PY) scripts/demo.py --config $(DEMO_CONFIG)
 
 test: install-dev data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite short
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -206,7 +206,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
         "knn_subset": args.knn_subset, "overrides": args.set, "checkpoint": os.path.relpath(ckpt, ROOT),
-        "command": COMMAND, "machine": machine(),
+        "command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
@@ -230,7 +230,7 @@ def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
         out.append({"method": "random_init", "name": "random init (demo ViT)", "top1": m["val/knn_top1"],
                     "top5": m["val/knn_top5"]})  # fmt: skip
     for row in out:
-        row.update({"command": COMMAND, "machine": machine()})
+        row.update({"command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d")})
     return out
 
 
@@ -270,41 +270,44 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "
                   f"torch {where['torch']}, {where['platform']}", "",
                   "| method | k-NN top-1 | top-5 | student top-1 | steps | images/s | training time | "
-                  "wall time (incl. eval) |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "wall time (incl. eval) | measured |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         best = max((r["top1"] for r in group if r["method"] not in BASELINES), default=None)
         order = list(BASELINES) + list(METHODS)
         for r in sorted(group, key=lambda r: (order.index(r["method"]), r["name"])):
             if r["method"] in BASELINES:
-                lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | | | | | |")
+                lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | | | | | | |")
             else:
                 top1 = f"**{r['top1']:.2f}**" if r["top1"] == best else f"{r['top1']:.2f}"
                 student = f"{r['student_top1']:.2f}" if r.get("student_top1") is not None else ""
                 name = r["name"] + REPORTED_TAGS[r.get("tag", "main")]
                 lines.append(f"| {name} | {top1} | {r['top5']:.2f} | {student} | {r['steps']} | "
                              f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | "
-                             f"{r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+                             f"{r['wall_seconds'] / 60:.1f} min | {r.get('date', '')} |")  # fmt: skip
         if any(r.get("tag") == "previous" for r in group):
             lines += ["", f"† {PREVIOUS_RECIPE}"]
         commands = sorted({r["command"] for r in group if r.get("tag", "main") == "main"})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in group:
-            if r["method"] in BASELINES:
-                ax.axhline(r["top1"], ls="--", lw=0.8, color="gray")
-                ax.text(
-                    0.99, r["top1"], r["name"], fontsize=7, va="bottom", ha="right", transform=ax.get_yaxis_transform()
-                )  # inside the axes, at the right end
-            elif r["curve"]:
-                ax.plot([p["train_seconds"] / 60 for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
-                        label=r["name"] + REPORTED_TAGS[r.get("tag", "main")])  # fmt: skip
-        ax.set_xlabel("training time (min)")
-        ax.set_ylabel("k-NN top-1 (%)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        # against training time (the budget: each method's step cost counts) and against steps (what a step
+        # buys, whatever the host's speed was that day)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, x, xlabel in ((axes[0], "train_seconds", "training time (min)"), (axes[1], "step", "steps")):
+            for r in group:
+                if r["method"] in BASELINES:
+                    ax.axhline(r["top1"], ls="--", lw=0.8, color="gray")
+                    ax.text(0.99, r["top1"], r["name"], fontsize=7, va="bottom", ha="right",
+                            transform=ax.get_yaxis_transform())  # inside the axes, at the right end  # fmt: skip
+                elif r["curve"]:
+                    scale = 60 if x == "train_seconds" else 1
+                    ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
+                            label=r["name"] + REPORTED_TAGS[r.get("tag", "main")])  # fmt: skip
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("k-NN top-1 (%)")
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(docs / f"quality_{device}.png", dpi=120)
-        lines += [f"![k-NN top-1 against training time, {device}](quality_{device}.png)", ""]
+        lines += [f"![k-NN top-1 against training time and against steps, {device}](quality_{device}.png)", ""]
         if (docs / f"retrievals_{device}.png").exists():
             lines += ["Nearest training images of test images (teacher features of the SOP run; row: query label and "
                       "how many of the 8 neighbours share it):", "", f"![retrievals](retrievals_{device}.png)", "",
