@@ -65,7 +65,6 @@ class StepClock(L.Callback):
     def __init__(self, knn: KNNEvaluation):
         self.knn, self.train_seconds, self.eval_seconds, self.curve = knn, 0.0, 0.0, []
         self._since: float | None = None
-        self.step_times: list[float] = []
 
     def _pause(self) -> None:
         if self._since is not None:
@@ -74,9 +73,6 @@ class StepClock(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.step_times.append(time.perf_counter())
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._pause()
@@ -124,13 +120,20 @@ def _build(method: str, steps: int, points: int, root: Path, tag: str, extra: li
     return cli, knn, clock
 
 
-def seconds_per_step(method: str, root: Path, extra: list[str], steps: int = 30) -> float:
-    """Median training step time of a short fit (the first steps warm up)."""
-    cli, _, clock = _build(method, steps, 0, root, "calibration", extra + ["trainer.limit_val_batches=0"], None)
+def _time_budget(minutes: float, calibration_steps: int) -> TimeBudget:
+    """TimeBudget timing ``calibration_steps`` (at most 5 of them, half of a short fit, as warm-up)."""
+    return TimeBudget(minutes, calibration_steps=calibration_steps, warmup_steps=min(5, calibration_steps // 2))
+
+
+def seconds_per_step(method: str, root: Path, extra: list[str], minutes: float, steps: int = 30) -> float:
+    """Median training step time of a short fit, as TimeBudget measures it for a run of ``minutes``."""
+    cli, _, _ = _build(method, steps, 0, root, "calibration", extra + ["trainer.limit_val_batches=0"], None)
+    budget = _time_budget(minutes, steps)
+    cli.trainer.callbacks.append(budget)
     cli.trainer.fit(cli.model, cli.datamodule)
-    skip = min(5, steps // 2)
-    gaps = [b - a for a, b in zip(clock.step_times[skip:], clock.step_times[skip + 1 :])]
-    return sorted(gaps)[len(gaps) // 2]
+    if budget.seconds_per_step is None:
+        raise RuntimeError(f"the calibration fit of {method} ended before {steps} steps were timed")
+    return budget.seconds_per_step
 
 
 def processor() -> str:
@@ -169,10 +172,9 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
         per_step, steps = float("nan"), args.steps
     else:  # the estimate places the evaluation points; TimeBudget plans the run (at most twice the estimate)
-        per_step = seconds_per_step(method, root, extra, args.calibration_steps)
+        per_step = seconds_per_step(method, root, extra, args.budget, args.calibration_steps)
         steps = max(1, int(args.budget * 60 / per_step))
-        calib = args.calibration_steps
-        budget = TimeBudget(args.budget, calibration_steps=calib, warmup_steps=min(5, calib // 2))
+        budget = _time_budget(args.budget, args.calibration_steps)
     L.seed_everything(0)
     # room for a machine that speeds up; a run too short for TimeBudget to plan ends at the estimate
     cap = 2 * steps if budget and steps > 2 * args.calibration_steps else steps

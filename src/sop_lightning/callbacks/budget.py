@@ -94,19 +94,22 @@ class TimeBudget(L.Callback):
             self._plan_step = trainer.global_step
             self._apply(trainer, pl_module)
 
+    def _pause(self) -> None:
+        if self._since is not None:
+            self._elapsed += _clock() - self._since
+            self._since = None
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._since is not None and trainer.state.fn == "fit":
-            self._elapsed += _clock() - self._since
-            self._since, self._last_time = None, None  # the gap across a validation is not a step time
+            self._pause()
+            self._last_time = None  # the gap across a validation is not a step time
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._since is None and trainer.state.fn == "fit" and self._last_step >= 0:  # not the sanity check
             self._since = _clock()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._since is not None:
-            self._elapsed += _clock() - self._since
-            self._since = None
+        self._pause()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step, now = trainer.global_step, _clock()
