@@ -62,3 +62,17 @@ def test_errors():
         b(torch.randn(1, 3, 32, 32), torch.zeros(1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         ViTBackbone("resnet18")
+    with pytest.raises(ValueError, match="mlp_ratio must be > 0, got 0"):
+        ViTBackbone("vit_small_patch16_224", **SMALL, mlp_ratio=0)
+
+
+def test_mlp_ratio_sets_the_mlp_width_and_exports():
+    b = ViTBackbone("vit_small_patch16_224", **SMALL, mlp_ratio=2)
+    # 48 x 2 hidden units in every block: the parameter count of a ViT written out by hand
+    assert all(blk.mlp.fc1.out_features == 96 for blk in b.vit.blocks)
+    d, n_tokens = 48, 16 + 1
+    per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * 2 * d + 2 * d) + (2 * d * d + d)
+    stem = 3 * 8 * 8 * d + d + d + n_tokens * d + 2 * d  # patch conv, [CLS], positions, final norm
+    assert sum(p.numel() for p in b.vit.parameters()) == stem + 2 * per_block
+    rebuilt = timm.create_model(**b.timm_kwargs())
+    rebuilt.load_state_dict(b.vit.state_dict(), strict=True)

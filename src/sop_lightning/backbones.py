@@ -24,8 +24,8 @@ class ViTBackbone(nn.Module):
 
     Args:
         name: any timm ViT name (``vit_small_patch16_224``, ``vit_tiny_patch16_224``, ...).
-        img_size, patch_size, embed_dim, depth, num_heads: overrides of the timm config, e.g. for
-            28–32 px images; ``None`` keeps timm's value.
+        img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio: overrides of the timm config, e.g. for
+            28–32 px images (``mlp_ratio``: MLP width over ``embed_dim``, timm's 4); ``None`` keeps timm's value.
         drop_path_rate: stochastic depth of the student (0 for the teacher).
         mask_token: add a learnable ``(1, D)`` mask token (student only, init zeros).
 
@@ -45,6 +45,7 @@ class ViTBackbone(nn.Module):
         num_heads: int | None = None,
         drop_path_rate: float = 0.0,
         mask_token: bool = True,
+        mlp_ratio: float | None = None,
     ):
         super().__init__()
         if not timm.is_model(name):
@@ -67,6 +68,10 @@ class ViTBackbone(nn.Module):
         for key, value in overrides.items():
             if value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value}")
+        if mlp_ratio is not None:
+            if not mlp_ratio > 0:
+                raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+            overrides["mlp_ratio"] = mlp_ratio
         if img_size is not None and patch_size is not None and img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
         self.model_name = name

@@ -10,7 +10,7 @@ import torch
 __all__ = ["teacher_backbone_state_dict", "export_checkpoint_backbone", "TEACHER_PREFIX"]
 
 TEACHER_PREFIX = "teacher.backbone.vit."
-_TIMM_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+_TIMM_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def teacher_backbone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

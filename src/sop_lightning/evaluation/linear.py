@@ -29,7 +29,7 @@ class LinearProbe(L.LightningModule):
     Args:
         checkpoint: a sop_lightning method checkpoint (``.ckpt``) or an exported timm state dict; the
             teacher backbone is loaded from it. ``None`` probes a randomly initialised backbone.
-        backbone, img_size, patch_size, embed_dim, depth, num_heads: the ViT architecture (as in the
+        backbone, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio: the ViT architecture (as in the
             method that produced the checkpoint).
         num_classes: classes of the labelled data.
     """
@@ -43,6 +43,7 @@ class LinearProbe(L.LightningModule):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        mlp_ratio: float | None = None,
         num_classes: int = 1000,
         n_last_blocks: int = 4,
         avgpool_patchtokens: bool = False,
@@ -58,7 +59,9 @@ class LinearProbe(L.LightningModule):
             raise ValueError(f"base_lr must be > 0, got {base_lr}")
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ValueError(f"checkpoint={checkpoint!r} is not a file")
-        self.backbone = ViTBackbone(backbone, img_size, patch_size, embed_dim, depth, num_heads, mask_token=False)
+        self.backbone = ViTBackbone(
+            backbone, img_size, patch_size, embed_dim, depth, num_heads, mask_token=False, mlp_ratio=mlp_ratio
+        )
         if not 1 <= n_last_blocks <= len(self.backbone.vit.blocks):
             raise ValueError(f"n_last_blocks must be in [1, {len(self.backbone.vit.blocks)}], got {n_last_blocks}")
         if checkpoint is not None:

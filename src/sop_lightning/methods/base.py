@@ -42,8 +42,8 @@ class SelfDistillation(L.LightningModule):
     """Student + EMA teacher with the shared training arguments of API.md.
 
     Args:
-        backbone: timm ViT name; ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``
-            override its config (small images).
+        backbone: timm ViT name; ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
+            ``mlp_ratio`` override its config (small images).
         out_dim: head bottleneck ``d`` (256); ``hidden_dim``: head MLP width (2048).
         base_lr: learning rate per 256 images (scaled by the global batch); ``min_lr``; ``warmup_epochs``.
         weight_decay → weight_decay_end: cosine, decayed group only (§8.5).
@@ -79,6 +79,7 @@ class SelfDistillation(L.LightningModule):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        mlp_ratio: float | None = None,
         out_dim: int = 256,
         hidden_dim: int = 2048,
         base_lr: float = 5e-4,
@@ -123,6 +124,7 @@ class SelfDistillation(L.LightningModule):
             num_heads,
             drop_path_rate,
             mask_token=self.uses_masks,
+            mlp_ratio=mlp_ratio,
         )
         self.student = SSLNetwork(vit, ProjectionHead(vit.embed_dim, hidden_dim, out_dim))
         self.teacher = make_teacher(self.student)
@@ -328,7 +330,9 @@ class SelfDistillation(L.LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.hparams.base_lr, betas=(0.9, 0.999), eps=1e-8)
+        return torch.optim.AdamW(
+            groups, lr=self.hparams.base_lr, betas=(0.9, 0.999), eps=1e-8, **adamw_kernel(decay + no_decay)
+        )
 
     def training_step(self, batch: MultiCropBatch, batch_idx: int) -> Tensor:
         step = self.global_step
@@ -501,8 +505,19 @@ def clip_per_tensor_(parameters, max_norm: float) -> None:
         norms = list(sum_over_shards_(squares, grads).sqrt().unbind())
     else:
         norms = torch._foreach_norm(grads)
-    scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
-    torch._foreach_mul_(local, scales)
+    scales = (max_norm / (torch.stack(norms) + 1e-6)).clamp(max=1.0)  # one op for all tensors, not one each
+    torch._foreach_mul_(local, list(scales.unbind()))
+
+
+def adamw_kernel(params: list[Tensor]) -> dict[str, bool]:
+    """``{"fused": True}`` where every parameter is a plain floating-point tensor on a device with torch's fused
+    AdamW kernel (CPU and CUDA): one kernel for all tensors; on CPU the default is a Python loop over them (8 ms
+    of a demo step on 2 cores against 1 ms fused). Sharded (FSDP2 DTensor) parameters keep torch's default."""
+    plain = all(
+        type(p) in (Tensor, torch.nn.Parameter) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    return {"fused": True} if plain and params else {}
 
 
 def _check_positive(**values: float) -> None:
