@@ -49,14 +49,10 @@ DOCS = ROOT / "docs"
 METHODS = {"sop": "SOP", "dino": "DINO", "ibot": "iBOT", "dino_vmf": "DINO-vMF", "ibot_vmf": "iBOT-vMF"}
 BASELINES = ("pixels", "random_init")
 COMMAND = "python benchmarks/quality.py"
-#: Result tags in the report: ``main`` (the current demo configs) and ``previous`` (rows not yet re-run since
-#: the demo recipe changed, marked with a dagger and kept until they are).
-REPORTED_TAGS = {"main": "", "previous": " †"}
-PREVIOUS_RECIPE = (
-    "Not yet re-run with the current demo recipe: measured with the previous one (4 local crops, "
-    "`global_scale` [0.4, 1], `local_scale` [0.1, 0.4], no KoLeo), whose SOP row read 80.39 / 98.61 "
-    "(`benchmarks/results/quality_cpu_avx512_*_previous.json`)."
-)
+#: Result tags in the report: ``main`` (the current demo configs) and ``previous`` (a method's latest row under
+#: an earlier demo recipe, kept until it is re-run; its ``recipe_note`` says which recipe, marked in the table).
+REPORTED_TAGS = ("main", "previous")
+MARKS = "†‡§¶"
 
 
 class StepClock(L.Callback):
@@ -164,6 +160,12 @@ def machine_tag(where: dict) -> str:
     return f"cpu_{capability}" if capability else "cpu"
 
 
+def recipe(cli) -> dict:
+    """The model and data arguments a run trained with (its demo config and the overrides), for the record."""
+    config = cli.config.as_dict()
+    return json.loads(json.dumps({k: config[k]["init_args"] for k in ("model", "data")}, default=str))
+
+
 def run_method(method: str, args: argparse.Namespace) -> dict:
     root = args.runs
     # SOP keeps each bank row's image index for the SOP pictures (no effect on training)
@@ -207,7 +209,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "images_per_second": round(cli.trainer.global_step * batch / clock.train_seconds, 1),
         "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
-        "knn_subset": args.knn_subset, "overrides": args.set, "checkpoint": os.path.relpath(ckpt, ROOT),
+        "knn_subset": args.knn_subset, "overrides": args.set, "recipe": recipe(cli),
+        "checkpoint": os.path.relpath(ckpt, ROOT),
         "command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -247,6 +250,13 @@ def save(result: dict, results: Path = RESULTS) -> Path:
     return path
 
 
+def _note(row: dict) -> str | None:
+    """Which earlier recipe a ``previous`` row was measured with (``None`` for a row of the current one)."""
+    if row.get("tag", "main") != "previous":
+        return None
+    return row.get("recipe_note") or "measured with an earlier demo recipe."
+
+
 def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     """``docs/benchmarks.md`` (quality section) and ``docs/quality_<device>.png`` from the saved results."""
     import matplotlib
@@ -260,6 +270,8 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     # raw pixels and random init give the same numbers on every machine: they stand in every machine's table
     baselines = {r["name"]: r for r in rows if r["method"] in BASELINES}
     trained = [r for r in rows if r["method"] not in BASELINES and r.get("tag", "main") in REPORTED_TAGS]
+    notes = list(dict.fromkeys(_note(r) for r in trained if _note(r)))
+    mark = {note: MARKS[i % len(MARKS)] * (1 + i // len(MARKS)) for i, note in enumerate(notes)}
     devices = sorted({machine_tag(r["machine"]) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
     for device in devices:
         group = [r for r in trained if machine_tag(r["machine"]) == device]
@@ -282,14 +294,14 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
             else:
                 top1 = f"**{r['top1']:.2f}**" if r["top1"] == best else f"{r['top1']:.2f}"
                 student = f"{r['student_top1']:.2f}" if r.get("student_top1") is not None else ""
-                name = r["name"] + REPORTED_TAGS[r.get("tag", "main")]
+                name = r["name"] + (f" {mark[_note(r)]}" if _note(r) else "")
                 lines.append(f"| {name} | {top1} | {r['top5']:.2f} | {student} | {r['steps']} | "
                              f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | "
                              f"{r['wall_seconds'] / 60:.1f} min | {r.get('date', '')} |")  # fmt: skip
-        if any(r.get("tag") == "previous" for r in group):
-            lines += ["", f"† {PREVIOUS_RECIPE}"]
+        for note in dict.fromkeys(_note(r) for r in group if _note(r)):
+            lines += ["", f"{mark[note]} Not yet re-run with the current demo recipe: {note}"]
         commands = sorted({r["command"] for r in group if r.get("tag", "main") == "main"})
-        lines += ["", "Commands:", "", "```bash", *commands, "```", ""]
+        lines += ["", "Commands:", "", "```bash", *commands, "```", ""] if commands else [""]
         # against training time (the budget: each method's step cost counts) and against steps (what a step
         # buys, whatever the host's speed was that day)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -302,7 +314,7 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                 elif r["curve"]:
                     scale = 60 if x == "train_seconds" else 1
                     ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
-                            label=r["name"] + REPORTED_TAGS[r.get("tag", "main")])  # fmt: skip
+                            label=r["name"] + (f" {mark[_note(r)]}" if _note(r) else ""))  # fmt: skip
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("k-NN top-1 (%)")

@@ -31,7 +31,7 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
                    "cpu_capability": isa}  # fmt: skip
         old = {"method": method, "name": name, "tag": "previous", "machine": machine, "top1": top1, "top5": 50.0,
                "student_top1": None, "steps": 3, "images_per_second": 1.0, "train_seconds": 60.0,
-               "wall_seconds": 60.0, "curve": [], "command": "old"}  # fmt: skip
+               "wall_seconds": 60.0, "curve": [], "command": "old", "recipe_note": f"recipe {isa}."}  # fmt: skip
         (results / f"quality_cpu_{isa.lower()}_{method}_previous.json").write_text(json.dumps(old))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -45,13 +45,17 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     text = (docs / "benchmarks.md").read_text()
     assert "| SOP |" in text and "raw pixels" in text and (docs / f"quality_{tag}.png").exists()
     # a method not re-run keeps its earlier row, marked; a re-run method shows only its new row
-    assert "| DINO † | 11.00 |" in text and "† Not yet re-run" in text and "| SOP † |" not in text
+    assert "| DINO † | 11.00 |" in text and f"† Not yet re-run with the current demo recipe: recipe {here}." in text
+    assert "| SOP † |" not in text
+    # each row records what it trained with: the demo config and the overrides
+    assert sop["recipe"]["model"]["embed_dim"] == 32 and sop["recipe"]["data"]["batch_size"] == 4
     assert (docs / f"retrievals_{tag}.png").exists() and (docs / f"sops_{tag}.png").exists() and "![SOPs]" in text
     # a row of another machine is a table of its own, which the baselines join (equal wall clock compares
     # only on one machine); this machine's table does not hold it
     tables = {s.splitlines()[0].split("(")[1].split(")")[0]: s for s in text.split("### ")[1:]}
     assert set(tables) == {here, "OTHERISA"}
-    assert "| iBOT † | **13.00** |" in tables["OTHERISA"] and "raw pixels" in tables["OTHERISA"]
+    assert "| iBOT ‡ | **13.00** |" in tables["OTHERISA"] and "‡ Not yet re-run" in tables["OTHERISA"]
+    assert "raw pixels" in tables["OTHERISA"] and "‡" not in tables[here]
     assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
 
 

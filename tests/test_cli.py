@@ -54,5 +54,5 @@ def test_two_step_fit_of_demo_config(config, fake_fmnist, tmp_path):
     assert events, "TensorBoard logs were not written"
     ckpts = list(Path(tmp_path).rglob("*.ckpt"))
     assert ckpts
-    # linked data facts reached the model
-    assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 7
+    # linked data facts reached the model (the demo's 2 x 2 grid: 14-px patches on 28-px views)
+    assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 14

@@ -60,7 +60,7 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
     out = tmp_path / "exported.pth"
     assert main(["export", "--ckpt_path", str(ckpt), "--output", str(out)]) == 0
     state = torch.load(out)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=7, embed_dim=32, depth=1,
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=14, embed_dim=32, depth=1,
                             num_heads=2)  # fmt: skip
     vit.load_state_dict(state, strict=True)
     torch.testing.assert_close(state["pos_embed"], fit.model.teacher.backbone.vit.pos_embed.detach())
