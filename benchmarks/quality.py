@@ -272,6 +272,10 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     trained = [r for r in rows if r["method"] not in BASELINES and r.get("tag", "main") in REPORTED_TAGS]
     notes = list(dict.fromkeys(_note(r) for r in trained if _note(r)))
     mark = {note: MARKS[i % len(MARKS)] * (1 + i // len(MARKS)) for i, note in enumerate(notes)}
+
+    def label(row: dict) -> str:  # a row's name, with the mark of its earlier recipe
+        return row["name"] + (f" {mark[_note(row)]}" if _note(row) else "")
+
     devices = sorted({machine_tag(r["machine"]) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
     for device in devices:
         group = [r for r in trained if machine_tag(r["machine"]) == device]
@@ -294,8 +298,7 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
             else:
                 top1 = f"**{r['top1']:.2f}**" if r["top1"] == best else f"{r['top1']:.2f}"
                 student = f"{r['student_top1']:.2f}" if r.get("student_top1") is not None else ""
-                name = r["name"] + (f" {mark[_note(r)]}" if _note(r) else "")
-                lines.append(f"| {name} | {top1} | {r['top5']:.2f} | {student} | {r['steps']} | "
+                lines.append(f"| {label(r)} | {top1} | {r['top5']:.2f} | {student} | {r['steps']} | "
                              f"{r['images_per_second']:.0f} | {r['train_seconds'] / 60:.1f} min | "
                              f"{r['wall_seconds'] / 60:.1f} min | {r.get('date', '')} |")  # fmt: skip
         for note in dict.fromkeys(_note(r) for r in group if _note(r)):
@@ -314,7 +317,7 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                 elif r["curve"]:
                     scale = 60 if x == "train_seconds" else 1
                     ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
-                            label=r["name"] + (f" {mark[_note(r)]}" if _note(r) else ""))  # fmt: skip
+                            label=label(r))  # fmt: skip
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("k-NN top-1 (%)")

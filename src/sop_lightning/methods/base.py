@@ -502,10 +502,10 @@ def clip_per_tensor_(parameters, max_norm: float) -> None:
     local = local_tensors(grads)  # FSDP2: each rank's shards; the norms need the whole tensors
     if any(t is not g for t, g in zip(local, grads)):
         squares = torch.stack([t.float().pow(2).sum() for t in local])
-        norms = list(sum_over_shards_(squares, grads).sqrt().unbind())
+        norms = sum_over_shards_(squares, grads).sqrt()
     else:
-        norms = torch._foreach_norm(grads)
-    scales = (max_norm / (torch.stack(norms) + 1e-6)).clamp(max=1.0)  # one op for all tensors, not one each
+        norms = torch.stack(torch._foreach_norm(grads))
+    scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # one op for all tensors, not one each
     torch._foreach_mul_(local, list(scales.unbind()))
 
 
