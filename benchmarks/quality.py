@@ -142,22 +142,32 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
+def has_amx() -> bool:
+    """Whether the cores have AMX tiles (``amx_tile`` in ``/proc/cpuinfo``; ``False`` where it is not readable)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and any(
+        line.startswith("flags") and "amx_tile" in line.split() for line in cpuinfo.read_text().splitlines()
+    )
+
+
 def machine() -> dict:
     threads = torch.get_num_threads()
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"platform": platform.platform(), "processor": processor(), "cpu_count": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": threads,
-            "torch": torch.__version__, "device": device}  # fmt: skip
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_amx": has_amx(),
+            "torch_threads": threads, "torch": torch.__version__, "device": device}  # fmt: skip
 
 
 def machine_tag(where: dict) -> str:
-    """``gpu``, or ``cpu_<vector ISA>`` (``cpu_avx2``, ``cpu_avx512``): the processor name alone ("AMD EPYC")
-    does not tell machines of 2.5x different speed apart, and rows at an equal wall clock compare only on
-    one machine."""
+    """``gpu``, or ``cpu_<vector ISA>`` (``cpu_avx2``, ``cpu_avx512``), with ``_amx`` where the cores have AMX
+    tiles (``cpu_avx512_amx``): the processor name alone ("AMD EPYC") does not tell machines of 2.5x different
+    speed apart, torch reports "AVX512" for cores with and without AMX's bf16 matrix units, and rows at an
+    equal wall clock compare only on one machine."""
     if where["device"].startswith("cuda"):
         return "gpu"
     capability = re.sub(r"[^a-z0-9]+", "", where.get("cpu_capability", "").lower())
-    return f"cpu_{capability}" if capability else "cpu"
+    amx = "_amx" if where.get("cpu_amx") else ""
+    return f"cpu_{capability}{amx}" if capability else "cpu"
 
 
 def recipe(cli) -> dict:
@@ -284,7 +294,8 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         where = next((r for r in group if r.get("tag", "main") == "main"), group[0])["machine"]
         group += list(baselines.values())
         chip = where["device"] if where["device"] != "cpu" else where.get("processor", processor())
-        isa = f" ({where['cpu_capability']})" if where.get("cpu_capability") and where["device"] == "cpu" else ""
+        isa = where.get("cpu_capability", "") + (", AMX" if where.get("cpu_amx") else "")
+        isa = f" ({isa})" if isa and where["device"] == "cpu" else ""
         lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "
                   f"torch {where['torch']}, {where['platform']}", "",
                   "| method | k-NN top-1 | top-5 | student top-1 | steps | images/s | training time | "

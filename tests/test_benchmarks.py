@@ -24,15 +24,19 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
     results.mkdir()
     here = torch.backends.cpu.get_cpu_capability()  # this machine's rows go together, another machine's apart
-    tag = "cpu_" + re.sub(r"[^a-z0-9]+", "", here.lower())
-    for method, name, top1, isa in (("dino", "DINO", 11.0, here), ("sop", "SOP", 12.0, here),  # an earlier recipe
-                                    ("ibot", "iBOT", 13.0, "OTHERISA")):  # another machine  # fmt: skip
+    flags = [line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+    amx = bool(flags) and "amx_tile" in flags[0]  # torch says "AVX512" with and without AMX tiles
+    tag = "cpu_" + re.sub(r"[^a-z0-9]+", "", here.lower()) + ("_amx" if amx else "")
+    for method, name, top1, isa, has_amx in (("dino", "DINO", 11.0, here, amx), ("sop", "SOP", 12.0, here, amx),
+                                             ("ibot", "iBOT", 13.0, "OTHERISA", False),  # another machine
+                                             ("dino_vmf", "DINO-vMF", 14.0, here, not amx)):  # fmt: skip
         machine = {"device": "cpu", "processor": "x", "cpu_count": 2, "torch": "t", "platform": "p",
-                   "cpu_capability": isa}  # fmt: skip
+                   "cpu_capability": isa, "cpu_amx": has_amx}  # fmt: skip
         old = {"method": method, "name": name, "tag": "previous", "machine": machine, "top1": top1, "top5": 50.0,
                "student_top1": None, "steps": 3, "images_per_second": 1.0, "train_seconds": 60.0,
                "wall_seconds": 60.0, "curve": [], "command": "old", "recipe_note": f"recipe {isa}."}  # fmt: skip
-        (results / f"quality_cpu_{isa.lower()}_{method}_previous.json").write_text(json.dumps(old))
+        file_tag = f"cpu_{isa.lower()}" + ("_amx" if has_amx else "")
+        (results / f"quality_{file_tag}_{method}_previous.json").write_text(json.dumps(old))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -53,7 +57,11 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     # a row of another machine is a table of its own, which the baselines join (equal wall clock compares
     # only on one machine); this machine's table does not hold it
     tables = {s.splitlines()[0].split("(")[1].split(")")[0]: s for s in text.split("### ")[1:]}
-    assert set(tables) == {here, "OTHERISA"}
+    # the same ISA with and without AMX tiles are two machines (2026-12: 2-core machines of both kinds)
+    here_label, other_label = (f"{here}, AMX", here) if amx else (here, f"{here}, AMX")
+    assert set(tables) == {here_label, other_label, "OTHERISA"}
+    assert "| DINO-vMF † | **14.00** |" in tables[other_label] and "DINO-vMF" not in tables[here_label]
+    tables[here] = tables[here_label]
     assert "| iBOT ‡ | **13.00** |" in tables["OTHERISA"] and "‡ Not yet re-run" in tables["OTHERISA"]
     assert "raw pixels" in tables["OTHERISA"] and "‡" not in tables[here]
     assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
