@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -176,10 +177,15 @@ def recipe(cli) -> dict:
     return json.loads(json.dumps({k: config[k]["init_args"] for k in ("model", "data")}, default=str))
 
 
+def _overrides(method: str, overrides: list[str]) -> list[str]:
+    """The LightningCLI overrides a method's quality run takes: SOP keeps each bank row's image index for the
+    SOP pictures (no effect on training)."""
+    return [*overrides, "model.init_args.track_indices=true"] if method == "sop" else overrides
+
+
 def run_method(method: str, args: argparse.Namespace) -> dict:
     root = args.runs
-    # SOP keeps each bank row's image index for the SOP pictures (no effect on training)
-    extra = [*args.set, "model.init_args.track_indices=true"] if method == "sop" else args.set
+    extra = _overrides(method, args.set)
     budget = None
     if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
         per_step, steps = float("nan"), args.steps
@@ -225,11 +231,80 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, resamples: int = 10_000,
+                      seed: int = 0) -> dict:  # fmt: skip
+    """Whether two classifiers' top-1 differ beyond the test set's sampling, on the *same* test images.
+
+    ``correct_a``, ``correct_b``: ``(N,)`` bools. Returns the difference ``a - b`` in points, its 95 % paired
+    bootstrap interval (test images resampled with replacement, both classifiers on the same draw), and
+    McNemar's exact two-sided p-value on the discordant images (``a_only``: a right and b wrong; ``b_only``).
+    It covers the test sampling only; a second training seed adds the run-to-run spread on top.
+    """
+    a, b = correct_a.bool(), correct_b.bool()
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"correct_a {tuple(a.shape)} and correct_b {tuple(b.shape)} must be equal 1-d shapes")
+    n, delta = a.numel(), a.float() - b.float()
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([delta[torch.randint(n, (n,), generator=g)].mean() for _ in range(resamples)])
+    low, high = torch.quantile(means.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    m = a_only + b_only  # under H0 each discordant image is a fair coin: Binomial(m, 1/2)
+    tail = min(a_only, b_only)
+    log_half = m * math.log(2)
+    log_pmf = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - log_half for i in range(tail + 1)]
+    p = min(1.0, 2 * sum(math.exp(x) for x in log_pmf)) if m else 1.0
+    return {"difference": delta.mean().item() * 100, "ci95": (low * 100, high * 100), "a_only": a_only,
+            "b_only": b_only, "mcnemar_p": p, "n": n}  # fmt: skip
+
+
+def compare(methods: list[str], args: argparse.Namespace) -> None:
+    """Paired comparison of two trained rows of this machine on the same 10k test images
+    (:func:`paired_difference`), from the checkpoints their results name; prints it and saves
+    ``compare_<machine>_<a>_<b>.json`` beside the results (not a row of the report)."""
+    from sop_lightning.evaluation.knn import extract_features
+
+    if len(methods) != 2:
+        raise SystemExit(f"--compare takes two methods, got {methods}")
+    tag = machine_tag(machine())
+    correct = {}
+    for method in methods:
+        result_path = args.results / f"quality_{tag}_{method}_{args.tag}.json"
+        if not result_path.exists():
+            raise SystemExit(f"--compare {method}: no result {result_path} of this machine ({tag}); run it first")
+        result = json.loads(result_path.read_text())
+        ckpt = ROOT / result["checkpoint"]
+        if not ckpt.exists():
+            raise SystemExit(f"--compare {method}: the checkpoint {ckpt} of {result_path.name} is gone")
+        L.seed_everything(0)
+        cli, _, _ = _build(method, 1, 1, args.runs, "compare", _overrides(method, args.set), None)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        cli.model.load_state_dict(state)
+        cli.model.eval()
+        with torch.no_grad():  # the teacher's features under the eval transform, as KNNEvaluation takes them
+            (ftr, ytr), (fte, yte) = (extract_features(cli.model.embed, loader)
+                                      for loader in cli.datamodule.knn_dataloaders())  # fmt: skip
+        scores = knn_classify(ftr, ytr, fte, k=20, temperature=0.07, num_classes=10)
+        correct[method] = scores.argmax(1) == yte
+        print(f"{METHODS[method]}: top-1 {correct[method].float().mean().item() * 100:.2f} "
+              f"(result file: {result['top1']:.2f})")  # fmt: skip
+    a, b = methods
+    out = paired_difference(correct[a], correct[b])
+    print(f"{METHODS[a]} - {METHODS[b]}: {out['difference']:+.2f} points, 95 % paired bootstrap interval "
+          f"[{out['ci95'][0]:+.2f}, {out['ci95'][1]:+.2f}]; discordant test images {out['a_only']} "
+          f"({METHODS[a]} only right) / {out['b_only']} ({METHODS[b]} only right), "
+          f"McNemar p = {out['mcnemar_p']:.3f}")  # fmt: skip
+    out.update({"methods": methods, "command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d")})
+    (args.results / f"compare_{tag}_{a}_{b}.json").write_text(json.dumps(out, indent=1))
+
+
+def _root(args: argparse.Namespace) -> dict:
+    return {"root": args.root} if args.root else {}
+
+
 def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
     out = []
     if "pixels" in which:
-        root = {"root": args.root} if args.root else {}
-        train, test = FashionMNIST(split="train", **root), FashionMNIST(split="test", **root)
+        train, test = FashionMNIST(split="train", **_root(args)), FashionMNIST(split="test", **_root(args))
         xtr, ytr = train.images.flatten(1).float() / 255, train.targets
         xte, yte = test.images.flatten(1).float() / 255, test.targets
         mean = xtr.mean(0)
@@ -286,7 +361,10 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     def label(row: dict) -> str:  # a row's name, with the mark of its earlier recipe
         return row["name"] + (f" {mark[_note(row)]}" if _note(row) else "")
 
-    devices = sorted({machine_tag(r["machine"]) for r in trained}, key=lambda d: (d.startswith("gpu"), d))
+    # a GPU's table first, then the machines with the most rows of the current recipe (the complete tables)
+    current = [machine_tag(r["machine"]) for r in trained if r.get("tag", "main") == "main"]
+    devices = sorted({machine_tag(r["machine"]) for r in trained},
+                     key=lambda d: (not d.startswith("gpu"), -current.count(d), d))  # fmt: skip
     for device in devices:
         group = [r for r in trained if machine_tag(r["machine"]) == device]
         rerun = {r["method"] for r in group if r.get("tag", "main") == "main"}
@@ -370,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="logs and checkpoints")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where --report writes benchmarks.md and the plot")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--compare", nargs=2, metavar="METHOD", choices=list(METHODS), help="paired test of two "
+                        "trained rows of this machine on the same test images (from their checkpoints)")  # fmt: skip
     args = parser.parse_args(argv)
     global COMMAND
     COMMAND = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -383,10 +463,12 @@ def main(argv: list[str] | None = None) -> None:
         result = run_method(method, args)
         print(json.dumps({k: result[k] for k in ("name", "top1", "top5", "steps", "images_per_second")}),
               "->", save(result, args.results))  # fmt: skip
+    if args.compare:
+        compare(args.compare, args)
     if args.report:
         report(args.results, args.docs)
-    if not args.methods and not args.report:
-        parser.error("nothing to do: give --methods and/or --report")
+    if not args.methods and not args.report and not args.compare:
+        parser.error("nothing to do: give --methods, --compare and/or --report")
 
 
 if __name__ == "__main__":

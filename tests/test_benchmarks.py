@@ -56,7 +56,8 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert (docs / f"retrievals_{tag}.png").exists() and (docs / f"sops_{tag}.png").exists() and "![SOPs]" in text
     # a row of another machine is a table of its own, which the baselines join (equal wall clock compares
     # only on one machine); this machine's table does not hold it
-    tables = {s.splitlines()[0].split("(")[1].split(")")[0]: s for s in text.split("### ")[1:]}
+    # keyed by the ISA in the heading's "<processor> (<ISA>), <n> cores" (a processor name may hold "(R)")
+    tables = {re.search(r"\(([^()]*)\), \d+ cores", s.splitlines()[0]).group(1): s for s in text.split("### ")[1:]}
     # the same ISA with and without AMX tiles are two machines (2026-12: 2-core machines of both kinds)
     here_label, other_label = (f"{here}, AMX", here) if amx else (here, f"{here}, AMX")
     assert set(tables) == {here_label, other_label, "OTHERISA"}
@@ -65,6 +66,14 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert "| iBOT ‡ | **13.00** |" in tables["OTHERISA"] and "‡ Not yet re-run" in tables["OTHERISA"]
     assert "raw pixels" in tables["OTHERISA"] and "‡" not in tables[here]
     assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
+    # the paired comparison reloads the runs' checkpoints and re-measures their k-NN on the same test images
+    compare = [*cmd[:2], "--compare", "sop", "sop", *cmd[cmd.index("--root") : cmd.index("--root") + 2],
+               "--results", str(results), "--runs", str(tmp_path / "runs"), *cmd[cmd.index("--set") :]]  # fmt: skip
+    proc = subprocess.run(compare, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    paired = json.loads((results / f"compare_{tag}_sop_sop.json").read_text())
+    assert paired["difference"] == 0 and paired["mcnemar_p"] == 1.0 and paired["n"] == 8  # the fake test split
+    assert f"SOP: top-1 {sop['top1']:.2f} (result file: {sop['top1']:.2f})" in proc.stdout
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
@@ -111,3 +120,29 @@ def test_ddp_throughput_benchmark_smoke(fake_fmnist, tmp_path):
                 "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2",
                 "--model.init_args.hidden_dim", "32"], tmp_path, timeout=400)  # fmt: skip
     assert "2 ranks / 1 process = " in out
+
+
+def test_paired_difference_against_scipy():
+    """quality.py's paired comparison: McNemar's exact p against scipy's binomial test, the difference and its
+    bootstrap interval against the counts written out by hand."""
+    import importlib.util
+
+    from scipy.stats import binomtest
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    # 1000 test images: both right on 800, a only on 60, b only on 40, both wrong on 100
+    a = torch.tensor([True] * 800 + [True] * 60 + [False] * 40 + [False] * 100)
+    b = torch.tensor([True] * 800 + [False] * 60 + [True] * 40 + [False] * 100)
+    out = quality.paired_difference(a, b, resamples=2000)
+    assert (out["a_only"], out["b_only"], out["n"]) == (60, 40, 1000)
+    assert abs(out["difference"] - 2.0) < 1e-4  # (860 - 840) / 1000
+    assert abs(out["mcnemar_p"] - binomtest(40, 100, 0.5).pvalue) < 1e-9
+    # the bootstrap interval holds the difference and has the normal approximation's width: 2 * 1.96 * sd
+    sd = ((60 + 40) / 1000 - 0.02**2) ** 0.5 / 1000**0.5 * 100
+    low, high = out["ci95"]
+    assert low < 2.0 < high and abs((high - low) - 2 * 1.96 * sd) < 0.25 * 2 * 1.96 * sd
+    # identical classifiers: no difference, p = 1
+    same = quality.paired_difference(a, a, resamples=100)
+    assert same["difference"] == 0 and same["mcnemar_p"] == 1.0 and same["ci95"] == (0.0, 0.0)
