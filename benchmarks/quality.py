@@ -18,6 +18,8 @@ Usage::
     python benchmarks/quality.py --methods sop --budget 20            # one method per run (CPU: ~22 min)
     python benchmarks/quality.py --methods pixels random_init         # the baseline rows
     python benchmarks/quality.py --report                             # table + plot in docs/
+    python benchmarks/quality.py --compare sop dino                   # paired test on the same test images
+    python benchmarks/quality.py --methods sop --seed 1 --tag seed1   # another seed (not a row of the table)
     python benchmarks/quality.py --methods dino --budget 0.2 --points 1 --knn-subset 200 --tag smoke
 
 ``--set key=value`` passes LightningCLI overrides (``--set model.init_args.momentum_teacher_end=0.995``).
@@ -185,7 +187,8 @@ def _overrides(method: str, overrides: list[str]) -> list[str]:
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
     root = args.runs
-    extra = _overrides(method, args.set)
+    # the training seed: the ViT's initialisation (the CLI seeds before it builds the model) and every draw after
+    extra = [*_overrides(method, args.set), *([f"seed_everything={args.seed}"] if args.seed else [])]
     budget = None
     if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
         per_step, steps = float("nan"), args.steps
@@ -193,7 +196,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         per_step = seconds_per_step(method, root, extra, args.budget, args.calibration_steps)
         steps = max(1, int(args.budget * 60 / per_step))
         budget = _time_budget(args.budget, args.calibration_steps)
-    L.seed_everything(0)
+    L.seed_everything(args.seed)
     # room for a machine that speeds up; a run too short for TimeBudget to plan ends at the estimate
     cap = 2 * steps if budget and steps > 2 * args.calibration_steps else steps
     cli, knn, clock = _build(method, steps, args.points, root, args.tag, extra, args.knn_subset, max_steps=cap)
@@ -217,7 +220,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
         show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
-        "method": method, "name": METHODS[method], "tag": args.tag, "budget_minutes": args.budget,
+        "method": method, "name": METHODS[method], "tag": args.tag, "seed": args.seed, "budget_minutes": args.budget,
         "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
         "seconds_per_step_last_plan": round(budget.seconds_per_step, 4) if budget and budget.seconds_per_step else None,
         "train_seconds": round(clock.train_seconds, 1), "eval_seconds": round(clock.eval_seconds, 1),
@@ -441,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--knn-subset", type=int, default=None, help="quick probes only: k-NN on n/n images")
     parser.add_argument("--set", action="append", default=[], help="LightningCLI override key=value")
     parser.add_argument("--tag", default="main", help="result name suffix; 'main' (and 'previous') are reported")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (run-to-run spread: another seed "
+                        "with its own --tag, e.g. --seed 1 --tag seed1)")  # fmt: skip
     parser.add_argument("--calibration-steps", type=int, default=30, help="steps timed to plan the budget")
     parser.add_argument("--steps", type=int, default=None, help="probes: plan this many steps instead of a budget")
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
