@@ -135,22 +135,24 @@ def seconds_per_step(method: str, root: Path, extra: list[str], minutes: float, 
     return budget.seconds_per_step
 
 
-def processor() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` on the first ``/proc/cpuinfo`` line that has it (Linux), else ``None``."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def processor() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def has_amx() -> bool:
     """Whether the cores have AMX tiles (``amx_tile`` in ``/proc/cpuinfo``; ``False`` where it is not readable)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and any(
-        line.startswith("flags") and "amx_tile" in line.split() for line in cpuinfo.read_text().splitlines()
-    )
+    return "amx_tile" in (_cpuinfo("flags") or "").split()
 
 
 def machine() -> dict:
@@ -266,8 +268,6 @@ def compare(methods: list[str], args: argparse.Namespace) -> None:
     ``compare_<machine>_<a>_<b>.json`` beside the results (not a row of the report)."""
     from sop_lightning.evaluation.knn import extract_features
 
-    if len(methods) != 2:
-        raise SystemExit(f"--compare takes two methods, got {methods}")
     tag = machine_tag(machine())
     correct = {}
     for method in methods:
