@@ -147,3 +147,31 @@ def test_paired_difference_against_scipy():
     # identical classifiers: no difference, p = 1
     same = quality.paired_difference(a, a, resamples=100)
     assert same["difference"] == 0 and same["mcnemar_p"] == 1.0 and same["ci95"] == (0.0, 0.0)
+
+
+def test_quality_report_names_the_processor_the_rows_ran_on(tmp_path):
+    """A table's heading names the processor recorded with its rows; rows that did not record one read 'processor
+    not recorded', never the name of the machine the report runs on."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+
+    def row(method: str, processor: str | None, isa: str) -> dict:
+        where = {"platform": "Linux-test", "cpu_count": 2, "torch": "2.x", "device": "cpu", "cpu_capability": isa}
+        if processor is not None:
+            where["processor"] = processor
+        return {"method": method, "name": method.upper(), "tag": "main", "top1": 80.0, "top5": 99.0,
+                "student_top1": 80.0, "steps": 10, "images_per_second": 1.0, "train_seconds": 60.0,
+                "wall_seconds": 70.0, "curve": [{"train_seconds": 60.0, "step": 10, "top1": 80.0}],
+                "command": f"python benchmarks/quality.py --methods {method}", "machine": where}  # fmt: skip
+
+    for i, r in enumerate([row("sop", None, "AVX512"), row("dino", None, "AVX512"), row("sop", "Chip X", "AVX2")]):
+        (results / f"quality_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    headings = [line for line in (docs / "benchmarks.md").read_text().splitlines() if line.startswith("### ")]
+    assert sorted(headings) == ["### CPU: Chip X (AVX2), 2 cores, torch 2.x, Linux-test",
+                                "### CPU: processor not recorded (AVX512), 2 cores, torch 2.x, Linux-test"]  # fmt: skip
