@@ -374,11 +374,11 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         group = [r for r in group if r.get("tag", "main") == "main" or r["method"] not in rerun]
         where = next((r for r in group if r.get("tag", "main") == "main"), group[0])["machine"]
         # the processor the rows ran on, never this machine's (rows of 2026-11-24 did not record it)
-        named = next((r["machine"]["processor"] for r in group if r["machine"].get("processor")), None)
-        group += list(baselines.values())
-        chip = (
-            where["device"] if where["device"] != "cpu" else where.get("processor") or named or "processor not recorded"
+        named = where.get("processor") or next(
+            (r["machine"]["processor"] for r in group if r["machine"].get("processor")), "processor not recorded"
         )
+        group += list(baselines.values())
+        chip = where["device"] if where["device"] != "cpu" else named
         isa = where.get("cpu_capability", "") + (", AMX" if where.get("cpu_amx") else "")
         isa = f" ({isa})" if isa and where["device"] == "cpu" else ""
         lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "

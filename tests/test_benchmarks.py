@@ -1,5 +1,6 @@
 """The quality benchmark runs end to end for a moment (it is a benchmark, not a test of quality)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_quality():
+    """benchmarks/quality.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    return quality
 
 
 def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
@@ -126,13 +135,9 @@ def test_ddp_throughput_benchmark_smoke(fake_fmnist, tmp_path):
 def test_paired_difference_against_scipy():
     """quality.py's paired comparison: McNemar's exact p against scipy's binomial test, the difference and its
     bootstrap interval against the counts written out by hand."""
-    import importlib.util
-
     from scipy.stats import binomtest
 
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load_quality()
     # 1000 test images: both right on 800, a only on 60, b only on 40, both wrong on 100
     a = torch.tensor([True] * 800 + [True] * 60 + [False] * 40 + [False] * 100)
     b = torch.tensor([True] * 800 + [False] * 60 + [True] * 40 + [False] * 100)
@@ -152,11 +157,7 @@ def test_paired_difference_against_scipy():
 def test_quality_report_names_the_processor_the_rows_ran_on(tmp_path):
     """A table's heading names the processor recorded with its rows; rows that did not record one read 'processor
     not recorded', never the name of the machine the report runs on."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load_quality()
     results, docs = tmp_path / "results", tmp_path / "docs"
     results.mkdir()
 
