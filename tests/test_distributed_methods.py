@@ -4,7 +4,9 @@ banks, anchors and centers, and 2 ranks x batch 4 must give the teacher 1 proces
 same global batches in the same order, :class:`~sop_lightning.data.sampler.GlobalBatchSampler`): nothing
 is counted twice or missed. The logged losses are the global batch's (reduced over the ranks)."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +31,9 @@ def _executable() -> str:
     return str(Path(sys.executable).parent / "sop-lightning")
 
 
-def fit(method: str, root: Path, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """A tiny ``sop-lightning fit`` of the demo config of ``method``; every rank saves its state to ``out``."""
+def start(method: str, root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """Starts a tiny ``sop-lightning fit`` of the demo config of ``method``; every rank saves its state to
+    ``out``. Independent fits run side by side (most of a tiny fit is its processes' start-up)."""
     args = [
         _executable(), "fit", "--config", str(ROOT / "experiments" / "demo" / f"{method}.yaml"),
         "--seed_everything", "0",
@@ -44,18 +47,59 @@ def fit(method: str, root: Path, out: Path, *extra: str, timeout: int = 240) -> 
         *METHODS[method], *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(HERE), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    out.mkdir(parents=True, exist_ok=True)
+    logs = [open(out.parent / f"{out.name}.{name}", "w+") for name in ("stdout", "stderr")]  # files: no pipe fills
+    proc = subprocess.Popen(
+        args, cwd=out.parent, env=env, stdout=logs[0], stderr=logs[1], text=True, start_new_session=True
+    )  # its own process group: a kill reaches the spawned ranks
+    proc.logs = logs
     return proc
+
+
+def finish(proc: subprocess.Popen, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Waits for a fit of :func:`start` (killed after ``timeout`` seconds) and asserts its exit status 0."""
+    try:
+        proc.wait(timeout=timeout)
+        failure = None if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        failure = f"timed out after {timeout} s"
+    stdout, stderr = (log.seek(0) or log.read() for log in proc.logs)
+    for log in proc.logs:
+        log.close()
+    assert failure is None, f"{failure}\n{stdout[-2000:]}\n{stderr[-5000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finish_all(*procs: subprocess.Popen) -> None:
+    """:func:`finish` each fit; a failure kills the others before it is raised."""
+    try:
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _kill(proc)
+
+
+def fit(method: str, root: Path, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """A tiny ``sop-lightning fit`` (:func:`start`), waited for."""
+    return finish(start(method, root, out, *extra), timeout)
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_ranks_match_one_process_on_the_same_global_batch(method, fake_fmnist, tmp_path):
     steps = ["--trainer.max_steps", "3", "--trainer.max_epochs", "1"]
-    fit(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps)
-    fit(method, fake_fmnist, tmp_path / "two", "--data.init_args.batch_size", "4", *steps,
-        "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2")  # fmt: skip
+    finish_all(start(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps),
+               start(method, fake_fmnist, tmp_path / "two", "--data.init_args.batch_size", "4", *steps,
+                     "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"))  # fmt: skip
     one = torch.load(tmp_path / "one" / "rank0.pt")
     r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
     assert one["step"] == r0["step"] == r1["step"] == 2  # 20 images // (8 per global batch): 2 steps per epoch
@@ -94,8 +138,8 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_distributed_checkpoint(met
                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
                   "--trainer.callbacks.filename={step}"]  # fmt: skip
     sharded = ["--data.init_args.batch_size", "4", "--trainer.strategy", FSDP2, "--trainer.devices", "2", *steps]
-    fit(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps)
-    fit(method, fake_fmnist, tmp_path / "fsdp", *sharded, *every_step)
+    finish_all(start(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps),
+               start(method, fake_fmnist, tmp_path / "fsdp", *sharded, *every_step))  # fmt: skip
     checkpoint = tmp_path / "steps" / "step=3.ckpt"
     assert checkpoint.is_dir(), "a distributed checkpoint is a folder of shards"
     fit(method, fake_fmnist, tmp_path / "resumed", *sharded, "--ckpt_path", str(checkpoint))
