@@ -47,11 +47,11 @@ def start(method: str, root: Path, out: Path, *extra: str) -> subprocess.Popen:
         *METHODS[method], *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(HERE), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    out.mkdir(parents=True, exist_ok=True)
-    logs = [open(out.parent / f"{out.name}.{name}", "w+") for name in ("stdout", "stderr")]  # files: no pipe fills
-    proc = subprocess.Popen(
-        args, cwd=out.parent, env=env, stdout=logs[0], stderr=logs[1], text=True, start_new_session=True
-    )  # its own process group: a kill reaches the spawned ranks
+    logs = [out.parent / f"{out.name}.{name}" for name in ("stdout", "stderr")]  # files: no pipe fills up
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:  # the child keeps its own descriptors
+        proc = subprocess.Popen(
+            args, cwd=out.parent, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+        )  # its own process group: a kill reaches the spawned ranks
     proc.logs = logs
     return proc
 
@@ -64,9 +64,7 @@ def finish(proc: subprocess.Popen, timeout: int = 240) -> subprocess.CompletedPr
     except subprocess.TimeoutExpired:
         _kill(proc)
         failure = f"timed out after {timeout} s"
-    stdout, stderr = (log.seek(0) or log.read() for log in proc.logs)
-    for log in proc.logs:
-        log.close()
+    stdout, stderr = (log.read_text() for log in proc.logs)
     assert failure is None, f"{failure}\n{stdout[-2000:]}\n{stderr[-5000:]}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
