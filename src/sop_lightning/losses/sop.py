@@ -224,10 +224,10 @@ class _SOPProbabilities(torch.autograd.Function):
     def forward(ctx, x: Tensor, unique: Tensor, inverse: Tensor, c: Tensor, inv_tau: float) -> Tensor:  # type: ignore[override]
         K, S = c.shape
         U = unique.shape[0]
-        # (U, N) scores / τ, turned into exp(s - max) in place; 1/τ scales the smaller x (N, d), not the
-        # (U, d) supports: a fresh (U, d) buffer a call costs ≈ 0.8 ms of a demo step in page faults
-        e = unique @ (x * inv_tau).T
-        e.sub_(e.amax(0, keepdim=True)).exp_()
+        # (U, N) scores, turned into exp((s - max)/τ) in place (τ > 0: the max of s/τ is max(s)/τ); no scaled copy
+        # of the (U, d) supports or of x (N, d), either of which may be the larger
+        e = unique @ x.T
+        e.sub_(e.amax(0, keepdim=True)).mul_(inv_tau).exp_()
         w = ((K * c - 1.0) / (K - 1)).reshape(K * S)
         m = torch.bincount(inverse, minlength=U).to(e.dtype)
         c_rows = torch.zeros(U, dtype=e.dtype, device=e.device).index_add_(0, inverse, c.reshape(K * S))
