@@ -22,6 +22,12 @@ Usage::
     python benchmarks/quality.py --methods sop --seed 1 --tag seed1   # another seed (not a row of the table)
     python benchmarks/quality.py --methods dino --budget 0.2 --points 1 --knn-subset 200 --tag smoke
 
+On a GPU, a budget in epochs instead of minutes (``--epochs``: the schedules end after that many passes over
+the 60k training images), with the device, precision, batch and loader workers as overrides::
+
+    python benchmarks/quality.py --methods sop --epochs 100 --tag gpu100 --set trainer.accelerator=gpu \
+        --set trainer.precision=bf16-mixed --set data.init_args.batch_size=256 --set data.init_args.num_workers=12
+
 ``--set key=value`` passes LightningCLI overrides (``--set model.init_args.momentum_teacher_end=0.995``).
 Needs the ``bench`` extra for the plot (matplotlib).
 """
@@ -135,6 +141,13 @@ def seconds_per_step(method: str, root: Path, extra: list[str], minutes: float, 
     return budget.seconds_per_step
 
 
+def steps_per_epoch(method: str, root: Path, extra: list[str]) -> int:
+    """Training batches in one epoch of ``method``'s demo config with the overrides ``extra`` (the batch size
+    among them; the last incomplete batch is dropped)."""
+    cli, _, _ = _build(method, 1, 0, root, "epochs", extra, None)
+    return len(cli.datamodule.train_dataloader())
+
+
 def _cpuinfo(field: str) -> str | None:
     """The value of ``field`` on the first ``/proc/cpuinfo`` line that has it (Linux), else ``None``."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -194,6 +207,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     budget = None
     if args.steps:  # recipe probes: equal steps, whatever else runs on the machine
         per_step, steps = float("nan"), args.steps
+    elif args.epochs:  # equal passes over the data (GPU runs): the loader's batches per epoch, with the overrides
+        per_step, steps = float("nan"), max(1, round(args.epochs * steps_per_epoch(method, root, extra)))
     else:  # the estimate places the evaluation points; TimeBudget plans the run (at most twice the estimate)
         per_step = seconds_per_step(method, root, extra, args.budget, args.calibration_steps)
         steps = max(1, int(args.budget * 60 / per_step))
@@ -222,7 +237,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
         show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
-        "method": method, "name": METHODS[method], "tag": args.tag, "seed": args.seed, "budget_minutes": args.budget,
+        "method": method, "name": METHODS[method], "tag": args.tag, "seed": args.seed,
+        "budget_minutes": None if args.steps or args.epochs else args.budget, "epochs": args.epochs,
         "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
         "seconds_per_step_last_plan": round(budget.seconds_per_step, 4) if budget and budget.seconds_per_step else None,
         "train_seconds": round(clock.train_seconds, 1), "eval_seconds": round(clock.eval_seconds, 1),
@@ -452,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
                         "with its own --tag, e.g. --seed 1 --tag seed1)")  # fmt: skip
     parser.add_argument("--calibration-steps", type=int, default=30, help="steps timed to plan the budget")
     parser.add_argument("--steps", type=int, default=None, help="probes: plan this many steps instead of a budget")
+    parser.add_argument("--epochs", type=float, default=None, help="plan this many epochs instead of a budget in "
+                        "minutes (GPU runs: --epochs 100)")  # fmt: skip
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="logs and checkpoints")
@@ -460,6 +478,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", nargs=2, metavar="METHOD", choices=list(METHODS), help="paired test of two "
                         "trained rows of this machine on the same test images (from their checkpoints)")  # fmt: skip
     args = parser.parse_args(argv)
+    for name in ("budget", "epochs", "steps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be > 0, got {value}")
+    if args.steps and args.epochs:
+        parser.error(f"give --steps or --epochs, not both (got --steps {args.steps} --epochs {args.epochs})")
     global COMMAND
     COMMAND = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

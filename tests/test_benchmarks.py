@@ -86,6 +86,29 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert f"SOP: top-1 {sop['top1']:.2f} (result file: {sop['top1']:.2f})" in proc.stdout
 
 
+def test_quality_benchmark_epochs(fake_fmnist, tmp_path):
+    """``--epochs`` (the GPU budget) plans that many passes over the training images: 20 fake images in batches
+    of 6 are 3 steps an epoch (the last incomplete batch dropped), so 2 epochs are 6 steps; bad budgets exit
+    with a message that names the argument."""
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--methods", "dino", "--epochs", "2",
+           "--points", "1", "--tag", "epochs", "--root", str(fake_fmnist), "--results", str(results),
+           "--runs", str(tmp_path / "runs"), "--set", "data.init_args.batch_size=6",
+           "--set", "data.init_args.num_workers=0", "--set", "model.init_args.embed_dim=32",
+           "--set", "model.init_args.depth=1", "--set", "model.init_args.num_heads=2",
+           "--set", "model.init_args.hidden_dim=32", "--set", "model.init_args.num_prototypes=64"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = [json.loads(p.read_text()) for p in results.glob("quality_*_dino_epochs.json")]
+    assert row["steps"] == 6 and row["epochs"] == 2 and row["budget_minutes"] is None
+    for bad, message in ((["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+                         (["--epochs", "1", "--steps", "3"], "give --steps or --epochs, not both")):  # fmt: skip
+        proc = subprocess.run([*cmd[:2], "--methods", "dino", *bad], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
