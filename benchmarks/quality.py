@@ -168,9 +168,14 @@ def has_amx() -> bool:
     return "amx_tile" in (_cpuinfo("flags") or "").split()
 
 
-def machine() -> dict:
+def machine(device: torch.device | None = None) -> dict:
+    """What a row ran on: the processor, its vector ISA and AMX tiles, torch, and ``device`` — the run's
+    (``trainer.strategy.root_device``: a CPU run on a machine with a GPU is a CPU row), else this machine's GPU
+    where it has one."""
     threads = torch.get_num_threads()
-    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = "cuda:" + torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"platform": platform.platform(), "processor": processor(), "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_amx": has_amx(),
             "torch_threads": threads, "torch": torch.__version__, "device": device}  # fmt: skip
@@ -233,7 +238,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     if method == "sop" and args.tag == "main":  # pictures of the trained SOP for docs/benchmarks.md
         from sop_lightning.evaluation import show_retrievals, show_sops
 
-        device = machine_tag(machine())
+        device = machine_tag(machine(cli.trainer.strategy.root_device))
         show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
         show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
@@ -248,7 +253,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
         "knn_subset": args.knn_subset, "overrides": args.set, "recipe": recipe(cli),
         "checkpoint": os.path.relpath(ckpt, ROOT),
-        "command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "command": COMMAND, "machine": machine(cli.trainer.strategy.root_device), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 

@@ -199,3 +199,12 @@ def test_quality_report_names_the_processor_the_rows_ran_on(tmp_path):
     headings = [line for line in (docs / "benchmarks.md").read_text().splitlines() if line.startswith("### ")]
     assert sorted(headings) == ["### CPU: Chip X (AVX2), 2 cores, torch 2.x, Linux-test",
                                 "### CPU: processor not recorded (AVX512), 2 cores, torch 2.x, Linux-test"]  # fmt: skip
+
+
+def test_quality_rows_name_the_device_they_ran_on():
+    """A row records the run's device, not whether the machine has a GPU: a CPU run is a CPU row (its table is
+    the ISA's), a CUDA run a ``gpu`` row."""
+    quality = _load_quality()
+    cpu = quality.machine(torch.device("cpu"))
+    assert cpu["device"] == "cpu" and quality.machine_tag(cpu).startswith("cpu")
+    assert quality.machine_tag({**cpu, "device": "cuda:NVIDIA H200"}) == "gpu"
