@@ -234,11 +234,12 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                             "top1": final["val/knn_top1"], "top5": final["val/knn_top5"]})  # fmt: skip
     batch = cli.datamodule.batch_size
     ckpt = root / f"{method}_{args.tag}.ckpt"
+    where = machine(cli.trainer.strategy.root_device)  # the run's device: a CPU run on a GPU machine is a CPU row
     cli.trainer.save_checkpoint(ckpt)
     if method == "sop" and args.tag == "main":  # pictures of the trained SOP for docs/benchmarks.md
         from sop_lightning.evaluation import show_retrievals, show_sops
 
-        device = machine_tag(machine(cli.trainer.strategy.root_device))
+        device = machine_tag(where)
         show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
         show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
     return {
@@ -253,7 +254,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
         "knn_subset": args.knn_subset, "overrides": args.set, "recipe": recipe(cli),
         "checkpoint": os.path.relpath(ckpt, ROOT),
-        "command": COMMAND, "machine": machine(cli.trainer.strategy.root_device), "date": time.strftime("%Y-%m-%d"),
+        "command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
