@@ -285,28 +285,33 @@ def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, resample
 
 
 def compare(methods: list[str], args: argparse.Namespace) -> None:
-    """Paired comparison of two trained rows of this machine on the same 10k test images
-    (:func:`paired_difference`), from the checkpoints their results name; prints it and saves
-    ``compare_<machine>_<a>_<b>.json`` beside the results (not a row of the report)."""
+    """Paired comparison of two trained rows on the same 10k test images (:func:`paired_difference`), from the
+    checkpoints their results name; prints it and saves ``compare_<machine>_<a>_<b>.json`` beside the results
+    (not a row of the report). The rows are those of the device the overrides ``--set`` run on (a CPU
+    comparison on a GPU machine reads the CPU table), and the features are extracted there, under the run's
+    precision, as :class:`~sop_lightning.KNNEvaluation` takes them in training."""
     from sop_lightning.evaluation.knn import extract_features
 
-    tag = machine_tag(machine())
-    correct = {}
+    correct, where = {}, None
     for method in methods:
+        L.seed_everything(0)
+        cli, _, _ = _build(method, 1, 1, args.runs, "compare", _overrides(method, args.set), None)
+        device = cli.trainer.strategy.root_device
+        where = machine(device)
+        tag = machine_tag(where)
         result_path = args.results / f"quality_{tag}_{method}_{args.tag}.json"
         if not result_path.exists():
-            raise SystemExit(f"--compare {method}: no result {result_path} of this machine ({tag}); run it first")
+            raise SystemExit(f"--compare {method}: no result {result_path} of this device ({tag}); run it first")
         result = json.loads(result_path.read_text())
         ckpt = ROOT / result["checkpoint"]
         if not ckpt.exists():
             raise SystemExit(f"--compare {method}: the checkpoint {ckpt} of {result_path.name} is gone")
-        L.seed_everything(0)
-        cli, _, _ = _build(method, 1, 1, args.runs, "compare", _overrides(method, args.set), None)
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         cli.model.load_state_dict(state)
-        cli.model.eval()
-        with torch.no_grad():  # the teacher's features under the eval transform, as KNNEvaluation takes them
-            (ftr, ytr), (fte, yte) = (extract_features(cli.model.embed, loader)
+        cli.model.to(device).eval()
+        # the teacher's features under the eval transform, on the run's device and precision
+        with torch.no_grad(), cli.trainer.precision_plugin.forward_context():
+            (ftr, ytr), (fte, yte) = (extract_features(cli.model.embed, loader, device)
                                       for loader in cli.datamodule.knn_dataloaders())  # fmt: skip
         scores = knn_classify(ftr, ytr, fte, k=20, temperature=0.07, num_classes=10)
         correct[method] = scores.argmax(1) == yte
@@ -318,7 +323,7 @@ def compare(methods: list[str], args: argparse.Namespace) -> None:
           f"[{out['ci95'][0]:+.2f}, {out['ci95'][1]:+.2f}]; discordant test images {out['a_only']} "
           f"({METHODS[a]} only right) / {out['b_only']} ({METHODS[b]} only right), "
           f"McNemar p = {out['mcnemar_p']:.3f}")  # fmt: skip
-    out.update({"methods": methods, "command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d")})
+    out.update({"methods": methods, "command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d")})
     (args.results / f"compare_{tag}_{a}_{b}.json").write_text(json.dumps(out, indent=1))
 
 
@@ -327,7 +332,12 @@ def _root(args: argparse.Namespace) -> dict:
 
 
 def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
+    """The baseline rows, recorded under the device the overrides ``--set`` run on (the random-init ViT is
+    evaluated there; the pixel rows join that device's table)."""
     out = []
+    L.seed_everything(0)
+    cli, _, _ = _build("sop", 1, 1, args.runs, "random_init", args.set, args.knn_subset)
+    where = machine(cli.trainer.strategy.root_device)
     if "pixels" in which:
         train, test = FashionMNIST(split="train", **_root(args)), FashionMNIST(split="test", **_root(args))
         xtr, ytr = train.images.flatten(1).float() / 255, train.targets
@@ -339,13 +349,11 @@ def run_baselines(which: list[str], args: argparse.Namespace) -> list[dict]:
             out.append({"method": "pixels", "name": name, "top1": (top[:, 0] == yte).float().mean().item() * 100,
                         "top5": (top == yte[:, None]).any(1).float().mean().item() * 100})  # fmt: skip
     if "random_init" in which:
-        L.seed_everything(0)
-        cli, knn, _ = _build("sop", 1, 1, args.runs, "random_init", args.set, args.knn_subset)
         m = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
         out.append({"method": "random_init", "name": "random init (demo ViT)", "top1": m["val/knn_top1"],
                     "top5": m["val/knn_top5"]})  # fmt: skip
     for row in out:
-        row.update({"command": COMMAND, "machine": machine(), "date": time.strftime("%Y-%m-%d")})
+        row.update({"command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d")})
     return out
 
 

@@ -1,5 +1,6 @@
 """The quality benchmark runs end to end for a moment (it is a benchmark, not a test of quality)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +210,24 @@ def test_quality_rows_name_the_device_they_ran_on():
     cpu = quality.machine(torch.device("cpu"))
     assert cpu["device"] == "cpu" and quality.machine_tag(cpu).startswith("cpu")
     assert quality.machine_tag({**cpu, "device": "cuda:NVIDIA H200"}) == "gpu"
+
+
+def test_quality_baselines_and_compare_use_the_runs_device(fake_fmnist, tmp_path, monkeypatch):
+    """On a machine with a GPU, a run whose overrides keep the demo configs' CPU accelerator is a CPU run: its
+    baseline rows join the CPU table and ``--compare`` reads the CPU table, not the machine's GPU one."""
+    quality = _load_quality()
+    real = quality.machine
+    # this machine "has a GPU": what a row would record if it asked the machine instead of the run
+    monkeypatch.setattr(quality, "machine", lambda device=None: real(device) if device is not None
+                        else {**real(torch.device("cpu")), "device": "cuda:fake"})  # fmt: skip
+    small = ["data.init_args.batch_size=4", "data.init_args.num_workers=0", "model.init_args.embed_dim=32",
+             "model.init_args.depth=1", "model.init_args.num_heads=2", "model.init_args.hidden_dim=32",
+             "model.init_args.memory_size=64", "model.init_args.patch_memory_size=32",
+             "model.init_args.num_anchors=8", "model.init_args.num_patch_anchors=4",
+             f"data.init_args.root={fake_fmnist}"]  # fmt: skip
+    args = argparse.Namespace(runs=tmp_path / "runs", set=small, knn_subset=None, root=str(fake_fmnist),
+                              results=tmp_path, tag="main")  # fmt: skip
+    rows = quality.run_baselines(["pixels"], args)
+    assert [quality.machine_tag(r["machine"]) for r in rows] == [quality.machine_tag(real(torch.device("cpu")))] * 2
+    with pytest.raises(SystemExit, match=r"no result .*quality_cpu_\w+_sop_main\.json of this device \(cpu_"):
+        quality.compare(["sop", "sop"], args)
