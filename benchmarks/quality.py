@@ -375,6 +375,50 @@ def _note(row: dict) -> str | None:
     return row.get("recipe_note") or "measured with an earlier demo recipe."
 
 
+#: What makes two runs of a method the same experiment but for the seed: the recipe, the budget and the overrides.
+SAME_RUN = ("recipe", "budget_minutes", "epochs", "overrides")
+
+
+def seed_runs(rows: list[dict], main: dict) -> list[dict]:
+    """``main`` and the rows of other seeds of the same experiment (tags ``seed<n>``, the same machine and
+    :data:`SAME_RUN` fields), in seed order."""
+    same = [r for r in rows if r["method"] == main["method"] and re.fullmatch(r"seed\d+", str(r.get("tag")))
+            and machine_tag(r["machine"]) == machine_tag(main["machine"])
+            and all(r.get(k) == main.get(k) for k in SAME_RUN)]  # fmt: skip
+    return sorted([main, *same], key=lambda r: r.get("seed") or 0)
+
+
+def seed_table(rows: list[dict], mains: list[dict]) -> list[str]:
+    """Markdown lines of the methods' k-NN top-1 over their seeds (:func:`seed_runs`): mean ± sample standard
+    deviation, range, and SOP's lead with the standard error of a difference of two means; none where no
+    method has two seeds."""
+    runs = {m["method"]: seed_runs(rows, m) for m in mains}
+    if max((len(r) for r in runs.values()), default=0) < 2:
+        return []
+    stats = {}
+    for method, group in runs.items():
+        top1 = [r["top1"] for r in group]
+        mean = sum(top1) / len(top1)
+        sd = math.sqrt(sum((t - mean) ** 2 for t in top1) / (len(top1) - 1)) if len(top1) > 1 else float("nan")
+        stats[method] = (mean, sd, len(top1))
+    lines = ["Over seeds (`--seed <n> --tag seed<n>`, the same recipe and budget; mean ± sample standard "
+             "deviation; SOP − method ± the standard error of the difference of the means):", "",
+             "| method | runs (seeds) | k-NN top-1 | range | mean steps | SOP − method |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    sop = stats.get("sop")
+    for method in (m for m in METHODS if m in runs):
+        (mean, sd, n), group = stats[method], runs[method]
+        seeds = ", ".join(str(r.get("seed") or 0) for r in group)
+        spread = f" ± {sd:.2f}" if n > 1 else ""
+        lead = ""
+        if sop and method != "sop" and sop[2] > 1 and n > 1:
+            lead = f"{sop[0] - mean:+.2f} ± {math.sqrt(sop[1] ** 2 / sop[2] + sd**2 / n):.2f}"
+        steps = sum(r["steps"] for r in group) / n
+        span = f"{min(r['top1'] for r in group):.2f}–{max(r['top1'] for r in group):.2f}" if n > 1 else ""
+        lines.append(f"| {METHODS[method]} | {n} ({seeds}) | {mean:.2f}{spread} | {span} | {steps:.0f} | {lead} |")
+    return lines
+
+
 def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     """``docs/benchmarks.md`` (quality section) and ``docs/quality_<device>.png`` from the saved results."""
     import matplotlib
@@ -429,6 +473,8 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                              f"{r['wall_seconds'] / 60:.1f} min | {r.get('date', '')} |")  # fmt: skip
         for note in dict.fromkeys(_note(r) for r in group if _note(r)):
             lines += ["", f"{mark[note]} Not yet re-run with the current demo recipe: {note}"]
+        seeds = seed_table(rows, [r for r in group if r.get("tag", "main") == "main"])
+        lines += ["", *seeds] if seeds else []
         commands = sorted({r["command"] for r in group if r.get("tag", "main") == "main"})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""] if commands else [""]
         # against training time (the budget: each method's step cost counts) and against steps (what a step
@@ -447,7 +493,8 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("k-NN top-1 (%)")
-        axes[0].legend(fontsize=8)
+        if axes[0].get_legend_handles_labels()[0]:  # rows without curves have nothing to name
+            axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(docs / f"quality_{device}.png", dpi=120)
         lines += [f"![k-NN top-1 against training time and against steps, {device}](quality_{device}.png)", ""]

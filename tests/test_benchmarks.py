@@ -231,3 +231,37 @@ def test_quality_baselines_and_compare_use_the_runs_device(fake_fmnist, tmp_path
     assert [quality.machine_tag(r["machine"]) for r in rows] == [quality.machine_tag(real(torch.device("cpu")))] * 2
     with pytest.raises(SystemExit, match=r"no result .*quality_cpu_\w+_sop_main\.json of this device \(cpu_"):
         quality.compare(["sop", "sop"], args)
+
+
+def test_quality_report_summarises_seeds(tmp_path):
+    """The report's seed table: mean and sample standard deviation over the ``main`` row and its ``seed<n>`` rows
+    of the same recipe and budget (written out here), SOP's lead with the standard error of a difference of
+    means; a probe (another tag), another budget or another machine's seed stays out."""
+    quality = _load_quality()
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    where = {"platform": "Linux-test", "cpu_count": 2, "torch": "2.x", "device": "cpu", "cpu_capability": "AVX512",
+             "processor": "Chip"}  # fmt: skip
+
+    def row(method: str, tag: str, seed: int, top1: float, budget: float = 20.0, isa: str = "AVX512") -> dict:
+        return {"method": method, "name": quality.METHODS[method], "tag": tag, "seed": seed, "top1": top1,
+                "top5": 99.0, "student_top1": None, "steps": 100 + seed, "images_per_second": 1.0,
+                "train_seconds": 60.0, "wall_seconds": 70.0, "curve": [], "command": f"run {method}",
+                "budget_minutes": budget, "epochs": None, "overrides": [], "recipe": {"model": {"d": 1}},
+                "machine": {**where, "cpu_capability": isa}}  # fmt: skip
+
+    rows = [row("sop", "main", 0, 86.0), row("sop", "seed1", 1, 87.0), row("sop", "seed2", 2, 86.5),
+            row("dino", "main", 0, 85.0), row("dino", "seed1", 1, 85.4),
+            row("dino", "steps4800", 0, 99.0), row("dino", "seed2", 2, 99.0, budget=5.0),
+            row("dino", "seed3", 3, 99.0, isa="AVX2"), row("ibot", "main", 0, 84.0)]  # fmt: skip
+    for i, r in enumerate(rows):
+        (results / f"quality_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in (docs / "benchmarks.md").read_text().splitlines()
+             if line.startswith("| ") and "(" in line.split("|")[2]}  # fmt: skip
+    # SOP: mean 86.5, sd sqrt((0.25 + 0.25 + 0) / 2) = 0.5; DINO: mean 85.2, sd sqrt((0.04 + 0.04) / 1) = 0.2828
+    assert table["SOP"] == ["3 (0, 1, 2)", "86.50 ± 0.50", "86.00–87.00", "101", ""]
+    se = (0.5**2 / 3 + 0.08 / 2) ** 0.5  # 0.3415
+    assert table["DINO"] == ["2 (0, 1)", "85.20 ± 0.28", "85.00–85.40", "100", f"+1.30 ± {se:.2f}"]
+    assert table["iBOT"] == ["1 (0)", "84.00", "", "100", ""]
