@@ -56,6 +56,15 @@ def test_fit_validate_export_exit_zero(fake_fmnist, tmp_path):
     assert out.exists() and "timm.create_model" in export.stdout
 
 
+def test_progress_bar_of_a_run_bounded_by_steps(fake_fmnist, tmp_path):
+    """A run bounded by steps (``max_epochs=-1``) shows "Epoch 1", not Lightning 2.6's "Epoch 1/-2"."""
+    fit = _run("fit", *_tiny(fake_fmnist, tmp_path), "--trainer.max_epochs", "-1", "--trainer.max_steps", "7",
+               cwd=tmp_path)  # fmt: skip
+    _assert_ok(fit)
+    bars = [line for line in fit.stdout.splitlines() if line.startswith("Epoch ")]
+    assert bars and all(line.split()[1] in ("0", "1") for line in bars), bars  # 5 steps an epoch: epochs 0 and 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

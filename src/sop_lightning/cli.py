@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["SOPLightningCLI", "build_cli", "main"]
@@ -59,6 +59,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SOPLightningCL
     """Parse ``args`` (default ``sys.argv[1:]``) and, when ``run``, execute the subcommand; returns the CLI
     (``cli.trainer``, ``cli.model``, ``cli.datamodule``). With ``run=False`` there is no subcommand."""
     import torch
+
+    from .callbacks import RichProgressBar
 
     # Float32 matmuls may use TF32 on Ampere+ GPUs; no effect on CPU.
     torch.set_float32_matmul_precision("high")
