@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -398,9 +399,7 @@ def seed_table(rows: list[dict], mains: list[dict]) -> list[str]:
     stats = {}
     for method, group in runs.items():
         top1 = [r["top1"] for r in group]
-        mean = sum(top1) / len(top1)
-        sd = math.sqrt(sum((t - mean) ** 2 for t in top1) / (len(top1) - 1)) if len(top1) > 1 else float("nan")
-        stats[method] = (mean, sd, len(top1))
+        stats[method] = (statistics.fmean(top1), statistics.stdev(top1) if len(top1) > 1 else math.nan, len(top1))
     lines = ["Over seeds (`--seed <n> --tag seed<n>`, the same recipe and budget; mean ± sample standard "
              "deviation; SOP − method ± the standard error of the difference of the means):", "",
              "| method | runs (seeds) | k-NN top-1 | range | mean steps | SOP − method |",
