@@ -47,6 +47,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LightningCLI
 
 from sop_lightning import KNNEvaluation, knn_classify
 from sop_lightning.callbacks import TimeBudget
@@ -206,7 +207,9 @@ def _overrides(method: str, overrides: list[str]) -> list[str]:
     return [*overrides, "model.init_args.track_indices=true"] if method == "sop" else overrides
 
 
-def run_method(method: str, args: argparse.Namespace) -> dict:
+def run_method(method: str, args: argparse.Namespace) -> tuple[dict, LightningCLI]:
+    """Trains ``method`` for the budget of ``args`` and evaluates it: its result row, and the CLI that
+    holds the trained model and data (for :func:`draw_pictures`)."""
     root = args.runs
     # the training seed: the ViT's initialisation (the CLI seeds before it builds the model) and every draw after
     extra = [*_overrides(method, args.set), *([f"seed_everything={args.seed}"] if args.seed else [])]
@@ -237,13 +240,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     ckpt = root / f"{method}_{args.tag}.ckpt"
     where = machine(cli.trainer.strategy.root_device)  # the run's device: a CPU run on a GPU machine is a CPU row
     cli.trainer.save_checkpoint(ckpt)
-    if method == "sop" and args.tag == "main":  # pictures of the trained SOP for docs/benchmarks.md
-        from sop_lightning.evaluation import show_retrievals, show_sops
-
-        device = machine_tag(where)
-        show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=args.docs / f"retrievals_{device}.png")
-        show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=args.docs / f"sops_{device}.png")
-    return {
+    row = {
         "method": method, "name": METHODS[method], "tag": args.tag, "seed": args.seed,
         "budget_minutes": None if args.steps or args.epochs else args.budget, "epochs": args.epochs,
         "seconds_per_step_calibration": round(per_step, 4), "steps": cli.trainer.global_step, "batch_size": batch,
@@ -257,6 +254,19 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         "checkpoint": os.path.relpath(ckpt, ROOT),
         "command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
+    return row, cli
+
+
+def draw_pictures(cli: LightningCLI, where: dict, docs: Path) -> list[Path]:
+    """The k-NN retrievals and SOPs of a trained SOP run (``cli``) for docs/benchmarks.md, named by the
+    machine ``where`` it ran on; needs matplotlib (extra ``bench``)."""
+    from sop_lightning.evaluation import show_retrievals, show_sops
+
+    device = machine_tag(where)
+    paths = [docs / f"retrievals_{device}.png", docs / f"sops_{device}.png"]
+    show_retrievals(cli.model, cli.datamodule, num_queries=6, k=8, path=paths[0])
+    show_sops(cli.model, cli.datamodule, num_sops=5, num_neighbors=8, path=paths[1])
+    return paths
 
 
 def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, resamples: int = 10_000,
@@ -552,16 +562,25 @@ def main(argv: list[str] | None = None) -> None:
     baselines = [m for m in args.methods if m in BASELINES]
     for row in run_baselines(baselines, args) if baselines else []:
         print(json.dumps({k: row[k] for k in ("name", "top1", "top5")}), "->", save(row, args.results))
+    failed = []
     for method in (m for m in args.methods if m in METHODS):
-        result = run_method(method, args)
+        result, cli = run_method(method, args)
         print(json.dumps({k: result[k] for k in ("name", "top1", "top5", "steps", "images_per_second")}),
               "->", save(result, args.results))  # fmt: skip
+        if method == "sop" and args.tag == "main":  # the row is saved first: a failed picture loses no training
+            try:
+                print("pictures ->", *draw_pictures(cli, result["machine"], args.docs))
+            except ImportError as err:
+                failed.append(f"the SOP pictures were not drawn ({err}); the result row is saved")
+                print(f"error: {failed[-1]}", file=sys.stderr)
     if args.compare:
         compare(args.compare, args)
     if args.report:
         report(args.results, args.docs)
     if not args.methods and not args.report and not args.compare:
         parser.error("nothing to do: give --methods, --compare and/or --report")
+    if failed:
+        sys.exit("quality.py: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,32 @@ def test_quality_benchmark_epochs(fake_fmnist, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+def test_quality_benchmark_keeps_the_row_when_the_pictures_fail(fake_fmnist, tmp_path, monkeypatch, capsys):
+    """A SOP run that cannot draw its pictures (matplotlib not importable: ``None`` in ``sys.modules`` makes
+    ``import matplotlib`` raise) saves its result row first, then exits non-zero naming what is missing:
+    the training minutes are not lost to the pictures drawn after them."""
+    quality = _load_quality()
+    monkeypatch.setattr(sys, "argv", ["quality.py"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    args = ["--methods", "sop", "--steps", "2", "--points", "1", "--root", str(fake_fmnist), "--results",
+            str(results), "--docs", str(docs), "--runs", str(tmp_path / "runs"),
+            "--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
+            "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
+            "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
+            "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
+            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4",
+            "--set", "trainer.enable_progress_bar=false"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(args)
+    message = str(exit_info.value.code)
+    assert message.startswith("quality.py: the SOP pictures were not drawn") and "matplotlib" in message, message
+    (row,) = [json.loads(p.read_text()) for p in results.glob("quality_*_sop_main.json")]
+    assert row["steps"] == 2 and 0 <= row["top1"] <= 100
+    assert "->" in capsys.readouterr().out and not list(tmp_path.rglob("*.png"))
+
+
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
