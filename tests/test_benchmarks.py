@@ -13,6 +13,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: quality.py overrides of a SOP small enough for a test: a tiny ViT, banks and anchors, batches of 4
+TINY_SOP = ["--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
+            "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
+            "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
+            "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
+            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
 
 
 def _load_quality():
@@ -27,12 +33,7 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     results, docs = tmp_path / "results", tmp_path / "docs"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--methods", "pixels", "sop", "--budget", "0.03",
            "--points", "1", "--calibration-steps", "4", "--root", str(fake_fmnist), "--results", str(results),
-           "--docs", str(docs), "--runs", str(tmp_path / "runs"), "--report",
-           "--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
-           "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
-           "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
-           "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
-           "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4"]  # fmt: skip
+           "--docs", str(docs), "--runs", str(tmp_path / "runs"), "--report", *TINY_SOP]  # fmt: skip
     results.mkdir()
     here = torch.backends.cpu.get_cpu_capability()  # this machine's rows go together, another machine's apart
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -80,7 +81,7 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
     # the paired comparison reloads the runs' checkpoints and re-measures their k-NN on the same test images
     compare = [*cmd[:2], "--compare", "sop", "sop", *cmd[cmd.index("--root") : cmd.index("--root") + 2],
-               "--results", str(results), "--runs", str(tmp_path / "runs"), *cmd[cmd.index("--set") :]]  # fmt: skip
+               "--results", str(results), "--runs", str(tmp_path / "runs"), *TINY_SOP]  # fmt: skip
     proc = subprocess.run(compare, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     paired = json.loads((results / f"compare_{tag}_sop_sop.json").read_text())
@@ -121,12 +122,7 @@ def test_quality_benchmark_keeps_the_row_when_the_pictures_fail(fake_fmnist, tmp
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     results, docs = tmp_path / "results", tmp_path / "docs"
     args = ["--methods", "sop", "--steps", "2", "--points", "1", "--root", str(fake_fmnist), "--results",
-            str(results), "--docs", str(docs), "--runs", str(tmp_path / "runs"),
-            "--set", "data.init_args.batch_size=4", "--set", "data.init_args.num_workers=0",
-            "--set", "model.init_args.embed_dim=32", "--set", "model.init_args.depth=1",
-            "--set", "model.init_args.num_heads=2", "--set", "model.init_args.hidden_dim=32",
-            "--set", "model.init_args.memory_size=64", "--set", "model.init_args.patch_memory_size=32",
-            "--set", "model.init_args.num_anchors=8", "--set", "model.init_args.num_patch_anchors=4",
+            str(results), "--docs", str(docs), "--runs", str(tmp_path / "runs"), *TINY_SOP,
             "--set", "trainer.enable_progress_bar=false"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         quality.main(args)
