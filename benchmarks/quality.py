@@ -297,7 +297,8 @@ def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, resample
 
 def compare(methods: list[str], args: argparse.Namespace) -> None:
     """Paired comparison of two trained rows on the same 10k test images (:func:`paired_difference`), from the
-    checkpoints their results name; prints it and saves ``compare_<machine>_<a>_<b>.json`` beside the results
+    checkpoints their results name (``--tag``: the rows of that tag); prints it and saves
+    ``compare_<machine>_<a>_<b>.json`` (``…_<b>_<tag>.json`` for a tag other than ``main``) beside the results
     (not a row of the report). The rows are those of the device the overrides ``--set`` run on (a CPU
     comparison on a GPU machine reads the CPU table), and the features are extracted there, under the run's
     precision, as :class:`~sop_lightning.KNNEvaluation` takes them in training."""
@@ -335,7 +336,8 @@ def compare(methods: list[str], args: argparse.Namespace) -> None:
           f"({METHODS[a]} only right) / {out['b_only']} ({METHODS[b]} only right), "
           f"McNemar p = {out['mcnemar_p']:.3f}")  # fmt: skip
     out.update({"methods": methods, "command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d")})
-    (args.results / f"compare_{tag}_{a}_{b}.json").write_text(json.dumps(out, indent=1))
+    suffix = "" if args.tag == "main" else f"_{args.tag}"  # another tag's comparison beside the main one's
+    (args.results / f"compare_{tag}_{a}_{b}{suffix}.json").write_text(json.dumps(out, indent=1))
 
 
 def _root(args: argparse.Namespace) -> dict:
@@ -428,6 +430,33 @@ def seed_table(rows: list[dict], mains: list[dict]) -> list[str]:
     return lines
 
 
+def budget_tables(rows: list[dict], device: str) -> dict[str, tuple[list[str], list[dict]]]:
+    """Markdown lines and rows of ``device``'s runs with a longer budget (tags ``budget<n>``, e.g. ``--budget 45
+    --tag budget45``), one table per tag: each method's latest row, its curve as "top-1 (at minutes)"."""
+    tables = {}
+    longer = [r for r in rows if re.fullmatch(r"budget\d+", str(r.get("tag"))) and r["method"] in METHODS
+              and machine_tag(r["machine"]) == device]  # fmt: skip
+    for tag in sorted({r["tag"] for r in longer}, key=lambda t: int(t[len("budget") :])):
+        dated = sorted((r for r in longer if r["tag"] == tag), key=lambda r: r.get("date", ""))
+        group = {r["method"]: r for r in dated}  # a method's latest row
+        best = max(r["top1"] for r in group.values())
+        first = next(iter(group.values()))
+        budget = (f"{first['budget_minutes']:g} training minutes" if first.get("budget_minutes")
+                  else f"{first.get('epochs')} epochs")  # fmt: skip
+        lines = [f"A longer budget (`--tag {tag}`: {budget}, one seed each):", "",
+                 "| method | k-NN top-1 | top-5 | steps | images/s | training time | k-NN top-1 during training "
+                 "(at minutes) | measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for method in (m for m in METHODS if m in group):
+            r = group[method]
+            top1 = f"**{r['top1']:.2f}**" if r["top1"] == best else f"{r['top1']:.2f}"
+            curve = ", ".join(f"{p['top1']:.2f} ({p['train_seconds'] / 60:.0f})" for p in r["curve"][:-1])
+            lines.append(f"| {r['name']} | {top1} | {r['top5']:.2f} | {r['steps']} | {r['images_per_second']:.0f} | "
+                         f"{r['train_seconds'] / 60:.1f} min | {curve} | {r.get('date', '')} |")  # fmt: skip
+        commands = sorted({r["command"] for r in group.values()})
+        tables[tag] = ([*lines, "", "```bash", *commands, "```", ""], list(group.values()))
+    return tables
+
+
 def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
     """``docs/benchmarks.md`` (quality section) and ``docs/quality_<device>.png`` from the saved results."""
     import matplotlib
@@ -486,6 +515,9 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         lines += ["", *seeds] if seeds else []
         commands = sorted({r["command"] for r in group if r.get("tag", "main") == "main"})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""] if commands else [""]
+        for tag, (table, longer) in budget_tables(rows, device).items():  # their curves dashed in the plot
+            lines += table
+            group += [{**r, "name": f"{r['name']} ({tag})"} for r in longer]
         # against training time (the budget: each method's step cost counts) and against steps (what a step
         # buys, whatever the host's speed was that day)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -497,7 +529,8 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                             transform=ax.get_yaxis_transform())  # inside the axes, at the right end  # fmt: skip
                 elif r["curve"]:
                     scale = 60 if x == "train_seconds" else 1
-                    ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], "o-",
+                    style = "o-" if r.get("tag", "main") in REPORTED_TAGS else "s--"
+                    ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], style,
                             label=label(r))  # fmt: skip
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)

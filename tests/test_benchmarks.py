@@ -79,12 +79,16 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert "| iBOT ‡ | **13.00** |" in tables["OTHERISA"] and "‡ Not yet re-run" in tables["OTHERISA"]
     assert "raw pixels" in tables["OTHERISA"] and "‡" not in tables[here]
     assert "iBOT" not in tables[here] and "| SOP |" not in tables["OTHERISA"]
-    # the paired comparison reloads the runs' checkpoints and re-measures their k-NN on the same test images
+    # the paired comparison reloads the runs' checkpoints and re-measures their k-NN on the same test images;
+    # the rows of another tag (here a copy of the main row) compare into a file of their own, beside the main
+    # comparison's
+    (results / f"quality_{tag}_sop_budget45.json").write_text(json.dumps(sop))
     compare = [*cmd[:2], "--compare", "sop", "sop", *cmd[cmd.index("--root") : cmd.index("--root") + 2],
-               "--results", str(results), "--runs", str(tmp_path / "runs"), *TINY_SOP]  # fmt: skip
+               "--results", str(results), "--runs", str(tmp_path / "runs"), "--tag", "budget45", *TINY_SOP]  # fmt: skip
     proc = subprocess.run(compare, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    paired = json.loads((results / f"compare_{tag}_sop_sop.json").read_text())
+    assert not (results / f"compare_{tag}_sop_sop.json").exists()
+    paired = json.loads((results / f"compare_{tag}_sop_sop_budget45.json").read_text())
     assert paired["difference"] == 0 and paired["mcnemar_p"] == 1.0 and paired["n"] == 8  # the fake test split
     assert f"SOP: top-1 {sop['top1']:.2f} (result file: {sop['top1']:.2f})" in proc.stdout
 
@@ -287,3 +291,20 @@ def test_quality_report_summarises_seeds(tmp_path):
     se = (0.5**2 / 3 + 0.08 / 2) ** 0.5  # 0.3415
     assert table["DINO"] == ["2 (0, 1)", "85.20 ± 0.28", "85.00–85.40", "100", f"+1.30 ± {se:.2f}"]
     assert table["iBOT"] == ["1 (0)", "84.00", "", "100", ""]
+    # a longer budget's rows (tag budget<n>) are a table of their own under their machine's, not seeds
+    text = (docs / "benchmarks.md").read_text()
+    assert "A longer budget" not in text
+    curve = [{"train_seconds": 600.0, "step": 50, "top1": 85.25}, {"train_seconds": 2700.0, "step": 100, "top1": 88.0}]
+    longer = [{**row("sop", "budget45", 0, 88.0, budget=45.0), "curve": curve, "date": "2026-12-03"},
+              {**row("sop", "budget45", 0, 80.0, budget=45.0), "date": "2026-12-01"},  # an older run: replaced
+              {**row("dino", "budget45", 0, 87.5, budget=45.0), "curve": curve[1:]},
+              row("ibot", "budget45", 0, 99.0, budget=45.0, isa="AVX2")]  # another machine  # fmt: skip
+    for i, r in enumerate(longer):
+        (results / f"quality_longer_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    text = (docs / "benchmarks.md").read_text()
+    section = text[text.index("A longer budget (`--tag budget45`: 45 training minutes, one seed each):") :]
+    rows_45 = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows_45[0] == "| SOP | **88.00** | 99.00 | 100 | 1 | 1.0 min | 85.25 (10) | 2026-12-03 |"
+    assert rows_45[1] == "| DINO | 87.50 | 99.00 | 100 | 1 | 1.0 min |  |  |"
+    assert "| iBOT | 99.00" not in section and "80.00" not in section  # another machine's; the replaced run
