@@ -529,9 +529,9 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                             transform=ax.get_yaxis_transform())  # inside the axes, at the right end  # fmt: skip
                 elif r["curve"]:
                     scale = 60 if x == "train_seconds" else 1
-                    style = "o-" if r.get("tag", "main") in REPORTED_TAGS else "s--"
+                    style = "o-" if r.get("tag", "main") in REPORTED_TAGS else "s--"  # a longer budget: dashed
                     ax.plot([p[x] / scale for p in r["curve"]], [p["top1"] for p in r["curve"]], style,
-                            label=label(r))  # fmt: skip
+                            label=label(r), color=f"C{list(METHODS).index(r['method'])}")  # fmt: skip
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("k-NN top-1 (%)")
