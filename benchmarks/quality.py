@@ -20,12 +20,15 @@ Usage::
     python benchmarks/quality.py --report                             # table + plot in docs/
     python benchmarks/quality.py --compare sop dino                   # paired test on the same test images
     python benchmarks/quality.py --methods sop --seed 1 --tag seed1   # another seed (not a row of the table)
+    python benchmarks/quality.py --methods sop --budget 45 --tag budget45              # a longer budget's table
+    python benchmarks/quality.py --methods sop --budget 45 --seed 1 --tag budget45seed1  # ... and its seeds
     python benchmarks/quality.py --methods dino --budget 0.2 --points 1 --knn-subset 200 --tag smoke
 
 On a GPU, a budget in epochs instead of minutes (``--epochs``: the schedules end after that many passes over
-the 60k training images), with the device, precision, batch and loader workers as overrides::
+the 60k training images), with the device, precision, batch and loader workers as overrides (the default tag:
+the rows are told apart by their machine, ``gpu``, and make that machine's table)::
 
-    python benchmarks/quality.py --methods sop --epochs 100 --tag gpu100 --set trainer.accelerator=gpu \
+    python benchmarks/quality.py --methods sop --epochs 100 --set trainer.accelerator=gpu \
         --set trainer.precision=bf16-mixed --set data.init_args.batch_size=256 --set data.init_args.num_workers=12
 
 ``--set key=value`` passes LightningCLI overrides (``--set model.init_args.momentum_teacher_end=0.995``).
@@ -392,27 +395,29 @@ def _note(row: dict) -> str | None:
 SAME_RUN = ("recipe", "budget_minutes", "epochs", "overrides")
 
 
-def seed_runs(rows: list[dict], main: dict) -> list[dict]:
-    """``main`` and the rows of other seeds of the same experiment (tags ``seed<n>``, the same machine and
-    :data:`SAME_RUN` fields), in seed order."""
-    same = [r for r in rows if r["method"] == main["method"] and re.fullmatch(r"seed\d+", str(r.get("tag")))
+def seed_runs(rows: list[dict], main: dict, tags: str = r"seed\d+") -> list[dict]:
+    """``main`` and the rows of other seeds of the same experiment (tags matching ``tags``: ``seed<n>`` for the
+    main budget, ``budget<m>seed<n>`` for a longer one; the same machine and :data:`SAME_RUN` fields), in seed
+    order."""
+    same = [r for r in rows if r["method"] == main["method"] and re.fullmatch(tags, str(r.get("tag")))
             and machine_tag(r["machine"]) == machine_tag(main["machine"])
             and all(r.get(k) == main.get(k) for k in SAME_RUN)]  # fmt: skip
     return sorted([main, *same], key=lambda r: r.get("seed") or 0)
 
 
-def seed_table(rows: list[dict], mains: list[dict]) -> list[str]:
-    """Markdown lines of the methods' k-NN top-1 over their seeds (:func:`seed_runs`): mean ± sample standard
+def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
+    """Markdown lines of the methods' k-NN top-1 over their seeds (:func:`seed_runs`; ``tag`` the longer
+    budget's, e.g. ``"budget45"``, whose other seeds are tagged ``budget45seed<n>``): mean ± sample standard
     deviation, range, and SOP's lead with the standard error of a difference of two means; none where no
     method has two seeds."""
-    runs = {m["method"]: seed_runs(rows, m) for m in mains}
+    runs = {m["method"]: seed_runs(rows, m, rf"{tag}seed\d+") for m in mains}
     if max((len(r) for r in runs.values()), default=0) < 2:
         return []
     stats = {}
     for method, group in runs.items():
         top1 = [r["top1"] for r in group]
         stats[method] = (statistics.fmean(top1), statistics.stdev(top1) if len(top1) > 1 else math.nan, len(top1))
-    lines = ["Over seeds (`--seed <n> --tag seed<n>`, the same recipe and budget; mean ± sample standard "
+    lines = [f"Over seeds (`--seed <n> --tag {tag}seed<n>`, the same recipe and budget; mean ± sample standard "
              "deviation; SOP − method ± the standard error of the difference of the means):", "",
              "| method | runs (seeds) | k-NN top-1 | range | mean steps | SOP − method |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -432,7 +437,8 @@ def seed_table(rows: list[dict], mains: list[dict]) -> list[str]:
 
 def budget_tables(rows: list[dict], device: str) -> dict[str, tuple[list[str], list[dict]]]:
     """Markdown lines and rows of ``device``'s runs with a longer budget (tags ``budget<n>``, e.g. ``--budget 45
-    --tag budget45``), one table per tag: each method's latest row, its curve as "top-1 (at minutes)"."""
+    --tag budget45``), one table per tag: each method's latest row, its curve as "top-1 (at minutes)"; other
+    seeds of the budget (``--seed <s> --tag budget<n>seed<s>``) in a seed table (:func:`seed_table`) under it."""
     tables = {}
     longer = [r for r in rows if re.fullmatch(r"budget\d+", str(r.get("tag"))) and r["method"] in METHODS
               and machine_tag(r["machine"]) == device]  # fmt: skip
@@ -443,7 +449,9 @@ def budget_tables(rows: list[dict], device: str) -> dict[str, tuple[list[str], l
         first = next(iter(group.values()))
         budget = (f"{first['budget_minutes']:g} training minutes" if first.get("budget_minutes")
                   else f"{first.get('epochs')} epochs")  # fmt: skip
-        lines = [f"A longer budget (`--tag {tag}`: {budget}, one seed each):", "",
+        seeds = seed_table(rows, list(group.values()), tag)
+        runs = "one seed each" if not seeds else "each method's first seed; more seeds below"
+        lines = [f"A longer budget (`--tag {tag}`: {budget}, {runs}):", "",
                  "| method | k-NN top-1 | top-5 | steps | images/s | training time | k-NN top-1 during training "
                  "(at minutes) | measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for method in (m for m in METHODS if m in group):
@@ -453,7 +461,8 @@ def budget_tables(rows: list[dict], device: str) -> dict[str, tuple[list[str], l
             lines.append(f"| {r['name']} | {top1} | {r['top5']:.2f} | {r['steps']} | {r['images_per_second']:.0f} | "
                          f"{r['train_seconds'] / 60:.1f} min | {curve} | {r.get('date', '')} |")  # fmt: skip
         commands = sorted({r["command"] for r in group.values()})
-        tables[tag] = ([*lines, "", "```bash", *commands, "```", ""], list(group.values()))
+        seeds = [*seeds, ""] if seeds else []
+        tables[tag] = ([*lines, "", *seeds, "```bash", *commands, "```", ""], list(group.values()))
     return tables
 
 

@@ -308,3 +308,27 @@ def test_quality_report_summarises_seeds(tmp_path):
     assert rows_45[0] == "| SOP | **88.00** | 99.00 | 100 | 1 | 1.0 min | 85.25 (10) | 2026-12-03 |"
     assert rows_45[1] == "| DINO | 87.50 | 99.00 | 100 | 1 | 1.0 min |  |  |"
     assert "| iBOT | 99.00" not in section and "80.00" not in section  # another machine's; the replaced run
+    assert "budget45seed<n>" not in section  # no seed table while every method has one seed
+    # other seeds of the longer budget (tags budget45seed<n>): a seed table under its table, not rows of it
+    seeds = [
+        row("sop", "budget45seed1", 1, 87.0, budget=45.0),
+        row("sop", "budget45seed2", 2, 87.5, budget=45.0),
+        row("dino", "budget45seed1", 1, 86.9, budget=45.0),
+        row("dino", "seed4", 4, 99.0, budget=45.0),  # a seed of the 45-minute budget under the main tags
+    ]
+    for i, r in enumerate(seeds):
+        (results / f"quality_seeds45_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    text = (docs / "benchmarks.md").read_text()
+    section = text[text.index("A longer budget (`--tag budget45`: 45 training minutes, each method's first seed") :]
+    assert "Over seeds (`--seed <n> --tag budget45seed<n>`" in section
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    rows_45 = [line for line in lines if "(" not in line.split("|")[2]][1:]
+    assert rows_45[0] == "| SOP | **88.00** | 99.00 | 100 | 1 | 1.0 min | 85.25 (10) | 2026-12-03 |"
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in lines if "(" in line.split("|")[2]}  # fmt: skip
+    # SOP: 88.0, 87.0, 87.5: mean 87.5, sd 0.5; DINO: 87.5, 86.9: mean 87.2, sd 0.6 / sqrt(2) = 0.4243
+    assert table["SOP"] == ["3 (0, 1, 2)", "87.50 ± 0.50", "87.00–88.00", "101", ""]
+    se = (0.5**2 / 3 + 0.18 / 2) ** 0.5
+    assert table["DINO"] == ["2 (0, 1)", "87.20 ± 0.42", "86.90–87.50", "100", f"+0.30 ± {se:.2f}"]
+    assert "99.00" not in "".join(table["DINO"])
