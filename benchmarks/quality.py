@@ -408,8 +408,12 @@ def seed_runs(rows: list[dict], main: dict, tags: str = r"seed\d+") -> list[dict
 def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
     """Markdown lines of the methods' k-NN top-1 over their seeds (:func:`seed_runs`; ``tag`` the longer
     budget's, e.g. ``"budget45"``, whose other seeds are tagged ``budget45seed<n>``): mean ± sample standard
-    deviation, range, and SOP's lead with the standard error of a difference of two means; none where no
-    method has two seeds."""
+    deviation, range, and SOP's lead with two standard errors of a difference of two means: one from the two
+    methods' own deviations (Welch's), one from the deviation pooled over every method with two seeds or more,
+    ``s_p² = Σ (n_m − 1) s_m² / Σ (n_m − 1)``, ``s_p · sqrt(1/n_SOP + 1/n_m)``. With two or three seeds a
+    method's own deviation is itself a noisy guess (two seeds that happen to agree give a small one), while
+    the training seed's spread is much the same for every method, so the pooled one is the steadier; it also
+    gives a standard error where a method has one seed. None where no method has two seeds."""
     runs = {m["method"]: seed_runs(rows, m, rf"{tag}seed\d+") for m in mains}
     if max((len(r) for r in runs.values()), default=0) < 2:
         return []
@@ -417,21 +421,29 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
     for method, group in runs.items():
         top1 = [r["top1"] for r in group]
         stats[method] = (statistics.fmean(top1), statistics.stdev(top1) if len(top1) > 1 else math.nan, len(top1))
+    dof = sum(n - 1 for _, _, n in stats.values())
+    pooled = math.sqrt(sum((n - 1) * sd**2 for _, sd, n in stats.values() if n > 1) / dof)
     lines = [f"Over seeds (`--seed <n> --tag {tag}seed<n>`, the same recipe and budget; mean ± sample standard "
-             "deviation; SOP − method ± the standard error of the difference of the means):", "",
-             "| method | runs (seeds) | k-NN top-1 | range | mean steps | SOP − method |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "deviation; SOP − method ± the standard error of the difference of the means, from the two methods' "
+             f"own deviations and from the deviation pooled over the methods, {pooled:.2f} with {dof} degrees of "
+             "freedom):", "",
+             "| method | runs (seeds) | k-NN top-1 | range | mean steps | SOP − method | ± own SDs | ± pooled SD |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     sop = stats.get("sop")
     for method in (m for m in METHODS if m in runs):
         (mean, sd, n), group = stats[method], runs[method]
         seeds = ", ".join(str(r.get("seed") or 0) for r in group)
         spread = f" ± {sd:.2f}" if n > 1 else ""
-        lead = ""
-        if sop and method != "sop" and sop[2] > 1 and n > 1:
-            lead = f"{sop[0] - mean:+.2f} ± {math.sqrt(sop[1] ** 2 / sop[2] + sd**2 / n):.2f}"
+        lead = own = pooled_se = ""
+        if sop and method != "sop":
+            lead = f"{sop[0] - mean:+.2f}"
+            pooled_se = f"{pooled * math.sqrt(1 / sop[2] + 1 / n):.2f}"
+            if sop[2] > 1 and n > 1:
+                own = f"{math.sqrt(sop[1] ** 2 / sop[2] + sd**2 / n):.2f}"
         steps = sum(r["steps"] for r in group) / n
         span = f"{min(r['top1'] for r in group):.2f}–{max(r['top1'] for r in group):.2f}" if n > 1 else ""
-        lines.append(f"| {METHODS[method]} | {n} ({seeds}) | {mean:.2f}{spread} | {span} | {steps:.0f} | {lead} |")
+        lines.append(f"| {METHODS[method]} | {n} ({seeds}) | {mean:.2f}{spread} | {span} | {steps:.0f} | {lead} "
+                     f"| {own} | {pooled_se} |")  # fmt: skip
     return lines
 
 

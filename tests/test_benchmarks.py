@@ -262,7 +262,8 @@ def test_quality_baselines_and_compare_use_the_runs_device(fake_fmnist, tmp_path
 def test_quality_report_summarises_seeds(tmp_path):
     """The report's seed table: mean and sample standard deviation over the ``main`` row and its ``seed<n>`` rows
     of the same recipe and budget (written out here), SOP's lead with the standard error of a difference of
-    means; a probe (another tag), another budget or another machine's seed stays out."""
+    means from the methods' own deviations and from the pooled one; a probe (another tag), another budget or
+    another machine's seed stays out."""
     quality = _load_quality()
     results, docs = tmp_path / "results", tmp_path / "docs"
     results.mkdir()
@@ -287,10 +288,15 @@ def test_quality_report_summarises_seeds(tmp_path):
              for line in (docs / "benchmarks.md").read_text().splitlines()
              if line.startswith("| ") and "(" in line.split("|")[2]}  # fmt: skip
     # SOP: mean 86.5, sd sqrt((0.25 + 0.25 + 0) / 2) = 0.5; DINO: mean 85.2, sd sqrt((0.04 + 0.04) / 1) = 0.2828
-    assert table["SOP"] == ["3 (0, 1, 2)", "86.50 ± 0.50", "86.00–87.00", "101", ""]
+    assert table["SOP"] == ["3 (0, 1, 2)", "86.50 ± 0.50", "86.00–87.00", "101", "", "", ""]
     se = (0.5**2 / 3 + 0.08 / 2) ** 0.5  # 0.3415
-    assert table["DINO"] == ["2 (0, 1)", "85.20 ± 0.28", "85.00–85.40", "100", f"+1.30 ± {se:.2f}"]
-    assert table["iBOT"] == ["1 (0)", "84.00", "", "100", ""]
+    # pooled: (2 · 0.25 + 1 · 0.08) / 3 degrees of freedom = 0.1933, s_p = 0.4397
+    pooled = ((2 * 0.25 + 1 * 0.08) / 3) ** 0.5
+    assert f"pooled over the methods, {pooled:.2f} with 3 degrees of freedom" in (docs / "benchmarks.md").read_text()
+    pooled_dino, pooled_ibot = pooled * (1 / 3 + 1 / 2) ** 0.5, pooled * (1 / 3 + 1) ** 0.5  # 0.4014, 0.5077
+    assert table["DINO"] == ["2 (0, 1)", "85.20 ± 0.28", "85.00–85.40", "100", "+1.30", f"{se:.2f}",
+                             f"{pooled_dino:.2f}"]  # fmt: skip
+    assert table["iBOT"] == ["1 (0)", "84.00", "", "100", "+2.50", "", f"{pooled_ibot:.2f}"]
     # a longer budget's rows (tag budget<n>) are a table of their own under their machine's, not seeds
     text = (docs / "benchmarks.md").read_text()
     assert "A longer budget" not in text
@@ -328,7 +334,9 @@ def test_quality_report_summarises_seeds(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in lines if "(" in line.split("|")[2]}  # fmt: skip
     # SOP: 88.0, 87.0, 87.5: mean 87.5, sd 0.5; DINO: 87.5, 86.9: mean 87.2, sd 0.6 / sqrt(2) = 0.4243
-    assert table["SOP"] == ["3 (0, 1, 2)", "87.50 ± 0.50", "87.00–88.00", "101", ""]
+    assert table["SOP"] == ["3 (0, 1, 2)", "87.50 ± 0.50", "87.00–88.00", "101", "", "", ""]
     se = (0.5**2 / 3 + 0.18 / 2) ** 0.5
-    assert table["DINO"] == ["2 (0, 1)", "87.20 ± 0.42", "86.90–87.50", "100", f"+0.30 ± {se:.2f}"]
+    pooled = ((2 * 0.25 + 1 * 0.18) / 3) ** 0.5 * (1 / 3 + 1 / 2) ** 0.5
+    assert table["DINO"] == ["2 (0, 1)", "87.20 ± 0.42", "86.90–87.50", "100", "+0.30", f"{se:.2f}",
+                             f"{pooled:.2f}"]  # fmt: skip
     assert "99.00" not in "".join(table["DINO"])
