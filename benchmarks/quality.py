@@ -254,8 +254,8 @@ def run_method(method: str, args: argparse.Namespace) -> tuple[dict, LightningCL
         "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
         "knn_subset": args.knn_subset, "overrides": args.set, "recipe": recipe(cli),
-        "checkpoint": os.path.relpath(ckpt, ROOT),
-        "command": COMMAND, "machine": where, "date": time.strftime("%Y-%m-%d"),
+        "checkpoint": os.path.relpath(ckpt, ROOT), "command": COMMAND, "launcher": getattr(args, "launcher", None),
+        "machine": where, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     return row, cli
 
@@ -384,6 +384,12 @@ def save(result: dict, results: Path = RESULTS) -> Path:
     return path
 
 
+def _command(row: dict) -> str:
+    """The command that reproduces a row: its launcher where one started it (``--launcher``: the five GPU rows
+    of ``benchmarks/quality_gpu.sh`` come from one command), else its own ``quality.py`` command."""
+    return row.get("launcher") or row["command"]
+
+
 def _note(row: dict) -> str | None:
     """Which earlier recipe a ``previous`` row was measured with (``None`` for a row of the current one)."""
     if row.get("tag", "main") != "previous":
@@ -472,7 +478,7 @@ def budget_tables(rows: list[dict], device: str) -> dict[str, tuple[list[str], l
             curve = ", ".join(f"{p['top1']:.2f} ({p['train_seconds'] / 60:.0f})" for p in r["curve"][:-1])
             lines.append(f"| {r['name']} | {top1} | {r['top5']:.2f} | {r['steps']} | {r['images_per_second']:.0f} | "
                          f"{r['train_seconds'] / 60:.1f} min | {curve} | {r.get('date', '')} |")  # fmt: skip
-        commands = sorted({r["command"] for r in group.values()})
+        commands = sorted({_command(r) for r in group.values()})
         seeds = [*seeds, ""] if seeds else []
         tables[tag] = ([*lines, "", *seeds, "```bash", *commands, "```", ""], list(group.values()))
     return tables
@@ -534,7 +540,7 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
             lines += ["", f"{mark[note]} Not yet re-run with the current demo recipe: {note}"]
         seeds = seed_table(rows, [r for r in group if r.get("tag", "main") == "main"])
         lines += ["", *seeds] if seeds else []
-        commands = sorted({r["command"] for r in group if r.get("tag", "main") == "main"})
+        commands = sorted({_command(r) for r in group if r.get("tag", "main") == "main"})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""] if commands else [""]
         for tag, (table, longer) in budget_tables(rows, device).items():  # their curves dashed in the plot
             lines += table
@@ -598,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="logs and checkpoints")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where --report writes benchmarks.md and the plot")
+    parser.add_argument("--launcher", default=None, help="the command that started this run with others (e.g. "
+                        "benchmarks/quality_gpu.sh ...), shown in the report instead of the run's own")  # fmt: skip
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--compare", nargs=2, metavar="METHOD", choices=list(METHODS), help="paired test of two "
                         "trained rows of this machine on the same test images (from their checkpoints)")  # fmt: skip

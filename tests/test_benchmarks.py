@@ -340,3 +340,33 @@ def test_quality_report_summarises_seeds(tmp_path):
     assert table["DINO"] == ["2 (0, 1)", "87.20 ± 0.42", "86.90–87.50", "100", "+0.30", f"{se:.2f}",
                              f"{pooled:.2f}"]  # fmt: skip
     assert "99.00" not in "".join(table["DINO"])
+
+
+def test_quality_report_shows_the_launcher_of_rows_run_together(tmp_path):
+    """Rows started together by one launcher (``--launcher``, as ``benchmarks/quality_gpu.sh`` passes it) are
+    reproduced by that one command: the report lists it once instead of each row's own ``quality.py`` command;
+    a row without a launcher keeps its own."""
+    quality = _load_quality()
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    gpu = {"platform": "Linux-test", "cpu_count": 16, "torch": "2.x", "device": "cuda:Test GPU"}
+    launcher = "benchmarks/quality_gpu.sh 5.5 3 out/results out/docs"
+    for i, method in enumerate(["sop", "dino", "ibot"]):
+        r = {"method": method, "name": method.upper(), "tag": "main", "top1": 80.0 + i, "top5": 99.0,
+             "student_top1": None, "steps": 10, "images_per_second": 1.0, "train_seconds": 60.0,
+             "wall_seconds": 70.0, "curve": [], "command": f"python benchmarks/quality.py --methods {method}",
+             "launcher": launcher if method != "ibot" else None, "machine": gpu}  # fmt: skip
+        (results / f"quality_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    text = (docs / "benchmarks.md").read_text()
+    block = text[text.index("Commands:") :].split("```")[1].strip().splitlines()
+    assert block == ["bash", launcher, "python benchmarks/quality.py --methods ibot"]
+
+
+def test_quality_gpu_launcher_runs_every_method(tmp_path):
+    """``benchmarks/quality_gpu.sh`` (shell syntax; five methods; each run told its launcher) — read, not run:
+    it trains five methods at once."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "for method in sop dino ibot dino_vmf ibot_vmf" in text and '--launcher "$LAUNCHER"' in text
