@@ -21,6 +21,10 @@ library's data module); ``loader`` trains end to end from each contestant's data
 ``--workers`` loader workers. Each contestant runs ``--steps`` steps ``--rounds`` times, the contestants
 interleaved; a round's time per step is its mean over the steps after ``--warmup`` and the best round counts.
 Targets (issue 11): library DINO step ≥ 1.0× lightly and ≥ 0.95× the bare loop; SOP step ≤ 1.05× iBOT step.
+
+``--profile N`` runs each contestant once more in step mode with steps ``warmup + 1 … warmup + N`` under
+``torch.profiler`` (not timed) and prints, per step, its device kernel time, launches, host synchronisations,
+copies and ``.item()`` calls, then the operators where each library method differs most from the bare loop.
 """
 
 from __future__ import annotations
@@ -97,6 +101,69 @@ class StepClock(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.times.append(time.perf_counter())
+        PROFILER.tick(len(self.times))
+
+
+class StepProfiler:
+    """``torch.profiler`` over steps ``start + 1 … start + steps`` of a contestant's run (``--profile``): per
+    step, the device's kernel time, kernel launches, host synchronisations, copies and ``.item()`` calls, and
+    each operator's time, to say where one contestant spends more than another."""
+
+    def __init__(self) -> None:
+        self.start = self.steps = 0
+        self._prof, self.summaries = None, {}
+
+    def tick(self, done: int) -> None:
+        """Called after each step with the number of steps done."""
+        if not self.steps:
+            return
+        if done == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.start()
+        elif done == self.start + self.steps and self._prof is not None:
+            self._prof.stop()
+
+    def take(self, name: str) -> str:
+        """The summary of the run just profiled (``name``), kept for :meth:`differences`."""
+        prof, self._prof = self._prof, None
+        if prof is None:
+            return f"profile {name}: the run ended before step {self.start + self.steps}"
+        averages, n = prof.key_averages(), self.steps
+
+        def device_ms(e) -> float:  # kernels only: user annotations also carry a device time
+            kernel = e.device_type.name != "CPU" and not getattr(e, "is_user_annotation", False) and "#" not in e.key
+            return (getattr(e, "self_device_time_total", 0) or 0) / 1000 if kernel else 0.0
+
+        def calls(*keys: str) -> float:
+            return sum(e.count for e in averages if e.key in keys) / n
+
+        self.summaries[name] = {e.key: (device_ms(e) / n, e.count / n, e.self_cpu_time_total / 1000 / n)
+                                for e in averages}  # fmt: skip
+        kernels = sum(v[0] for v in self.summaries[name].values())
+        return (f"profile {name}: {kernels:.1f} ms of device kernels a step, "
+                f"{calls('cudaLaunchKernel', 'cuLaunchKernel', 'cudaLaunchKernelExC'):.0f} launches, "
+                f"{calls('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize'):.1f} "
+                f"synchronisations, {calls('cudaMemcpyAsync', 'cudaMemcpy'):.1f} copies, "
+                f"{calls('aten::_local_scalar_dense'):.1f} .item(), "
+                f"{sum(e.count for e in averages if e.key.startswith('aten::')) / n:.0f} aten calls")  # fmt: skip
+
+    def differences(self, a: str, b: str, rows: int = 12) -> str:
+        """The operators whose device time, calls and host time per step differ most between runs ``a`` and ``b``."""
+        if a not in self.summaries or b not in self.summaries:
+            return ""
+        sa, sb = self.summaries[a], self.summaries[b]
+        keys, zero, out = set(sa) | set(sb), (0.0, 0.0, 0.0), []
+        on_device = any(v[0] for v in (*sa.values(), *sb.values()))  # a CPU run has no device kernels
+        for title, i in ((("device ms", 0),) if on_device else ()) + (("calls", 1), ("host ms", 2)):
+            diff = sorted(((sa.get(k, zero)[i] - sb.get(k, zero)[i], k) for k in keys), reverse=True)[:rows]
+            out += [f"{title} a step, {a} - {b}:"] + [f"  {d:+9.3f}  {k[:80]}" for d, k in diff]
+        return "\n".join(out)
+
+
+PROFILER = StepProfiler()
 
 
 def seconds_per_step(times: list[float], warmup: int) -> float:
@@ -268,6 +335,7 @@ class BareLoop:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter())
+                PROFILER.tick(len(times))
                 if len(times) == steps:
                     break
         return times
@@ -401,9 +469,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--images", type=int, default=2048, help="synthetic JPEGs of the imagenet preset")
     parser.add_argument("--root", default=DEFAULT_FASHION_MNIST_ROOT, help="Fashion-MNIST folder of the demo preset")
+    parser.add_argument("--profile", type=int, default=0, help="after the timed rounds, one more step-mode run of "
+                        "each contestant with this many steps after the warm-up under torch.profiler (not timed): "
+                        "where its step differs from the bare loop's")  # fmt: skip
     parser.add_argument("--search-dtype", default="config", choices=["config", "auto", "float32", "bfloat16"],
                         help="SOP's neighbour-search dtype (default: the config's, 'auto')")  # fmt: skip
     args = parser.parse_args()
+    if args.profile < 0 or args.warmup + args.profile > args.steps:
+        parser.error(
+            f"--profile {args.profile} must be >= 0 and fit after --warmup {args.warmup} in --steps {args.steps}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if "lightly" in args.peers:
@@ -430,6 +505,14 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, run in runs.items():
                     best[name] = min(best[name], seconds_per_step(run(), args.warmup))
+            if mode == "step" and args.profile > 0:  # an extra run each, its times not counted
+                for name, run in runs.items():
+                    PROFILER.start, PROFILER.steps = args.warmup, args.profile
+                    run()
+                    print(PROFILER.take(name), flush=True)
+                PROFILER.steps = 0
+                for name in (n for n in runs if n.startswith("library") and "bare dino" in runs):
+                    print(PROFILER.differences(name, "bare dino"), flush=True)
             for name, seconds in best.items():
                 results[(mode, name)] = seconds
                 print(f"{mode:6s} {name:13s} {args.batch / seconds:8.1f} img/s  ({seconds * 1000:7.1f} ms/step)",

@@ -155,7 +155,11 @@ def test_data_pipeline_benchmark_smoke(fake_fmnist, tmp_path):
 
 def test_throughput_benchmark_smoke(fake_fmnist, tmp_path):
     out = _run([str(ROOT / "benchmarks" / "throughput.py"), "--root", str(fake_fmnist), "--batch", "4",
-                "--steps", "4", "--warmup", "1", "--rounds", "1", "--workers", "0"], tmp_path)  # fmt: skip
+                "--steps", "4", "--warmup", "1", "--rounds", "1", "--workers", "0", "--profile", "2"],
+               tmp_path)  # fmt: skip
+    for name in ("library dino", "library sop", "bare dino"):  # the profiled extra run of each
+        assert re.search(rf"profile {name}: [\d.]+ ms of device kernels a step, .* [\d.]+ aten calls", out), out
+    assert "calls a step, library sop - bare dino:" in out and "host ms a step, library dino - bare dino:" in out
     for mode in ("step", "loader"):
         for name in ("library dino", "library ibot", "library sop", "lightly dino", "bare dino"):
             assert f"{mode:6s} {name}" in out, out

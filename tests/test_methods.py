@@ -342,3 +342,23 @@ def test_koleo_weight_adds_the_regulariser_to_every_method(cls, fake_fmnist, mon
     assert float(metrics["train/loss"]) == pytest.approx(objective + weight * koleo, rel=1e-4)
     with pytest.raises(ValueError, match="koleo_weight"):
         cls(koleo_weight=-0.1, **kwargs, **TINY)
+
+
+def test_progress_bar_loss_is_a_host_copy_logged_with_the_logger(fake_fmnist, monkeypatch):
+    """The bar's ``loss`` is logged on step 0 and the steps the logger writes (``log_every_n_steps``), as a
+    detached host tensor: Lightning turns a logged progress-bar tensor into a number on every later step too,
+    which for a device tensor is a host sync each step on a GPU. The bar shows the last written value."""
+    model = DINO(num_prototypes=32, warmup_epochs=0, **TINY)
+    logged = []
+    original = L.LightningModule.log
+
+    def spy(self, name, value, *args, **kwargs):
+        if name == "loss":
+            logged.append((self.global_step, value.device.type, value.requires_grad, float(value)))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(L.LightningModule, "log", spy)
+    trainer = _trainer(max_steps=7, max_epochs=-1, log_every_n_steps=3)
+    trainer.fit(model, _data(fake_fmnist))
+    assert [(s, d, g) for s, d, g, _ in logged] == [(0, "cpu", False), (2, "cpu", False), (5, "cpu", False)]
+    assert trainer.progress_bar_metrics["loss"] == pytest.approx(logged[-1][3])

@@ -375,11 +375,15 @@ class SelfDistillation(L.LightningModule):
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
         log = {f"train/{k}": v for k, v in zip(names, values)}
         every = self.trainer.log_every_n_steps  # the schedules only on the steps the logger writes: a call
-        if every > 0 and (step + 1) % every == 0:  # of self.log costs ~0.5 ms (Lightning), 4 % of a demo step
+        writes = every > 0 and (step + 1) % every == 0  # of self.log costs ~0.5 ms (Lightning), 4 % of a demo step
+        if writes:
             log.update({"train/lr": lr, "train/weight_decay": wd, "train/teacher_temp": temp,
                         "train/momentum": self.momentum_at(step)})  # fmt: skip
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=batch.batch_size)
-        self.log("loss", log["train/loss"], prog_bar=True, logger=False, batch_size=batch.batch_size)
+        if writes or step == 0:  # the bar's loss follows the logger, as a host copy: Lightning turns a logged
+            # progress-bar tensor into a number on every later step too, a host sync each step on a GPU
+            loss_host = log["train/loss"].to("cpu")
+            self.log("loss", loss_host, prog_bar=True, logger=False, batch_size=batch.batch_size)
         return loss
 
     def _add_koleo(self, losses: dict, student_cls: Tensor, batch: int) -> dict:
