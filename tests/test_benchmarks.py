@@ -93,7 +93,7 @@ def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     assert f"SOP: top-1 {sop['top1']:.2f} (result file: {sop['top1']:.2f})" in proc.stdout
 
 
-def test_quality_benchmark_epochs(fake_fmnist, tmp_path):
+def test_quality_benchmark_epochs(fake_fmnist, tmp_path, capsys):
     """``--epochs`` (the GPU budget) plans that many passes over the training images: 20 fake images in batches
     of 6 are 3 steps an epoch (the last incomplete batch dropped), so 2 epochs are 6 steps; bad budgets exit
     with a message that names the argument."""
@@ -109,11 +109,12 @@ def test_quality_benchmark_epochs(fake_fmnist, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = [json.loads(p.read_text()) for p in results.glob("quality_*_dino_epochs.json")]
     assert row["steps"] == 6 and row["epochs"] == 2 and row["budget_minutes"] is None
+    quality = _load_quality()  # the argument checks in this process: the same parser, no second start-up
     for bad, message in ((["--epochs", "0"], "--epochs must be > 0, got 0.0"),
                          (["--epochs", "1", "--steps", "3"], "give --steps or --epochs, not both")):  # fmt: skip
-        proc = subprocess.run([*cmd[:2], "--methods", "dino", *bad], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        with pytest.raises(SystemExit) as exit_:
+            quality.main(["--methods", "dino", *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_quality_benchmark_keeps_the_row_when_the_pictures_fail(fake_fmnist, tmp_path, monkeypatch, capsys):
