@@ -213,6 +213,11 @@ def test_shared_supports_are_scored_once_with_the_dense_result_and_gradient():
     unique, inverse = distinct_supports(sops)
     assert unique.shape[0] < 4 * 7  # rows do repeat
     torch.testing.assert_close(unique[inverse], sops.supports.reshape(-1, 6))
+    # the distinct rows ascending, as torch.unique numbers them; the same with the bank's size as the bound
+    rows, expected_inverse = torch.unique(sops.rows.reshape(-1), return_inverse=True)
+    assert torch.equal(inverse, expected_inverse) and torch.equal(unique, memory[rows])
+    bounded = distinct_supports(sops, num_rows=12)
+    assert torch.equal(bounded[0], unique) and torch.equal(bounded[1], inverse)
     Y = _dense_y(sops.contributions.double())
     D = sops.supports.reshape(-1, 6).double()
     x = _unit(9, 6, seed=32).requires_grad_(True)

@@ -36,6 +36,29 @@ def test_fifo_and_wrap_around_never_drops_rows():
     assert torch.equal(bank.embeddings, torch.ones(5, 2))
 
 
+def test_enqueue_reads_nothing_back_to_the_host(monkeypatch):
+    """The ring position is computed where the pointer lives: no ``int(ptr)``, ``.item()`` or truth test of a
+    tensor in ``enqueue`` (each a host synchronisation per step on a GPU), and the rows, ages and indices still
+    land where a ring buffer written out here puts them, wrap-around included."""
+    bank = MemoryBank(5, 2, track_indices=True)
+    ref, ids, written, ptr = bank.embeddings.clone(), [-1] * 5, [-1] * 5, 0
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("enqueue read a tensor's value on the host")
+
+    for step in range(4):
+        rows = torch.full((3, 2), float(step)) + torch.arange(3.0).view(3, 1)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+                m.setattr(torch.Tensor, name, refuse)
+            bank.enqueue(rows, torch.arange(3) + 10 * step)
+        for i in range(3):
+            ref[(ptr + i) % 5], ids[(ptr + i) % 5], written[(ptr + i) % 5] = rows[i], 10 * step + i, step
+        ptr = (ptr + 3) % 5
+        assert torch.equal(bank.embeddings, ref) and int(bank.ptr) == ptr and bank.indices.tolist() == ids
+        assert bank.written_at.tolist() == written and int(bank.num_enqueued) == step + 1
+
+
 def test_errors():
     bank = MemoryBank(4, 3)
     with pytest.raises(ValueError, match="larger than the memory size 4"):

@@ -61,20 +61,17 @@ class MemoryBank(nn.Module):
                 f"memory size {self.size}; use a larger memory or a smaller batch"
             )
         rows = all_gather_cat(x.detach()).to(self.embeddings.dtype)
-        n, start = rows.shape[0], int(self.ptr)
-        first = min(n, self.size - start)
-        self.embeddings[start : start + first] = rows[:first]
-        self.written_at[start : start + first] = self.num_enqueued
-        if first < n:
-            self.embeddings[: n - first] = rows[first:]
-            self.written_at[: n - first] = self.num_enqueued
+        n = rows.shape[0]
+        # the rows' positions ptr, ptr+1, ... wrapped around, computed where ptr lives: reading ptr on the host
+        # would synchronise a GPU with the host at every step
+        where = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.embeddings.index_copy_(0, where, rows)
+        self.written_at.index_copy_(0, where, self.num_enqueued.expand(n))
         if self.track_indices:
             local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device) if indices is None else indices
             ids = all_gather_cat(local.to(device=x.device, dtype=torch.long))
-            self.indices[start : start + first] = ids[:first]
-            if first < n:
-                self.indices[: n - first] = ids[first:]
-        self.ptr.fill_((start + n) % self.size)
+            self.indices.index_copy_(0, where, ids)
+        self.ptr.add_(n).remainder_(self.size)
         self.num_enqueued.add_(1)
 
     def age(self) -> Tensor:

@@ -278,8 +278,9 @@ def _support_rows_layout(
     sorted_rows = inverse[order]
     first = counts.cumsum(0) - counts  # where each row's entries begin in `order`
     dst = starts[sorted_rows] + torch.arange(order.numel(), device=order.device) - first[sorted_rows]
-    cols = torch.empty(int(crow[-1]), dtype=inverse.dtype, device=inverse.device)
-    vals = torch.empty(int(crow[-1]), dtype=w.dtype, device=w.device)
+    nnz = int(crow[-1])  # one host read of the size (a synchronisation on a GPU)
+    cols = torch.empty(nnz, dtype=inverse.dtype, device=inverse.device)
+    vals = torch.empty(nnz, dtype=w.dtype, device=w.device)
     cols[dst], vals[dst] = order // S, w[order]
     cols[starts + counts], vals[starts + counts] = K, c_rows
     cols[starts + counts + 1], vals[starts + counts + 1] = K + 1, m
@@ -292,16 +293,18 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
-def distinct_supports(sops: SOPs) -> tuple[Tensor, Tensor]:
+def distinct_supports(sops: SOPs, num_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """``(U, d)`` distinct support embeddings and the ``(K·S,)`` index of every support among them (all
-    supports, ``U = K·S``, when their memory rows are unknown)."""
+    supports, ``U = K·S``, when their memory rows are unknown). ``num_rows``: the memory's size, a bound on
+    the row numbers (read from the rows when not given: a host synchronisation on a GPU)."""
     K, S, d = sops.supports.shape
     flat = sops.supports.detach().reshape(K * S, d)
     if sops.rows is None:
         return flat, torch.arange(K * S, device=flat.device)
     rows = sops.rows.reshape(-1)
     # the distinct rows ascending, without a sort: mark the rows present, number them by a running count
-    present = torch.zeros(int(rows.max()) + 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+    bound = int(rows.max()) + 1 if num_rows is None else num_rows
+    present = torch.zeros(bound, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
     running = present.cumsum(0)  # its last entry is the number of distinct rows
     inverse = (running - 1).index_select(0, rows)
     columns = torch.arange(rows.numel(), device=rows.device)
@@ -411,7 +414,8 @@ class _SOPObjective(nn.Module):
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device)
             sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
-        return sops._replace(distinct=distinct_supports(sops))  # once for the student and teacher calls
+        # once for the student and teacher calls
+        return sops._replace(distinct=distinct_supports(sops, self.memory.size))
 
 
 class SOPLoss(_SOPObjective):
