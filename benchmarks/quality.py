@@ -31,6 +31,10 @@ the rows are told apart by their machine, ``gpu``, and make that machine's table
     python benchmarks/quality.py --methods sop --epochs 100 --set trainer.accelerator=gpu \
         --set trainer.precision=bf16-mixed --set data.init_args.batch_size=256 --set data.init_args.num_workers=12
 
+``benchmarks/quality_gpu.sh 5.5 3`` trains the five at once on one GPU for 5.5 minutes each (``100ep``: 100 epochs
+each): the 28-px runs are bound by the loader's CPU crops, so five at once share the cores (the GPU table of
+``docs/benchmarks.md``).
+
 ``--set key=value`` passes LightningCLI overrides (``--set model.init_args.momentum_teacher_end=0.995``).
 Needs the ``bench`` extra for the plot (matplotlib).
 """
