@@ -66,7 +66,7 @@ class MemoryBank(nn.Module):
         # would synchronise a GPU with the host at every step
         where = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
         self.embeddings.index_copy_(0, where, rows)
-        self.written_at.index_copy_(0, where, self.num_enqueued.expand(n))
+        self.written_at.index_copy_(0, where, self.num_enqueued.expand(n).clone())
         if self.track_indices:
             local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device) if indices is None else indices
             ids = all_gather_cat(local.to(device=x.device, dtype=torch.long))
