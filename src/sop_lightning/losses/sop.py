@@ -278,7 +278,7 @@ def _support_rows_layout(
     sorted_rows = inverse[order]
     first = counts.cumsum(0) - counts  # where each row's entries begin in `order`
     dst = starts[sorted_rows] + torch.arange(order.numel(), device=order.device) - first[sorted_rows]
-    nnz = int(crow[-1])  # one host read of the size (a synchronisation on a GPU)
+    nnz = inverse.numel() + 2 * U  # crow[-1], known on the host: Σ counts = K·S, plus 2 columns a row
     cols = torch.empty(nnz, dtype=inverse.dtype, device=inverse.device)
     vals = torch.empty(nnz, dtype=w.dtype, device=w.device)
     cols[dst], vals[dst] = order // S, w[order]
