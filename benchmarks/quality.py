@@ -258,7 +258,7 @@ def run_method(method: str, args: argparse.Namespace) -> tuple[dict, LightningCL
         "curve": clock.curve, "top1": final["val/knn_top1"], "top5": final["val/knn_top5"],
         "top1_k200": final.get("val/knn_top1_k200"), "student_top1": final.get("val/knn_student_top1"),
         "knn_subset": args.knn_subset, "overrides": args.set, "recipe": recipe(cli),
-        "checkpoint": os.path.relpath(ckpt, ROOT), "command": COMMAND, "launcher": getattr(args, "launcher", None),
+        "checkpoint": os.path.relpath(ckpt, ROOT), "command": COMMAND, "launcher": args.launcher,
         "machine": where, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     return row, cli

@@ -374,4 +374,5 @@ def test_quality_gpu_launcher_runs_every_method(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    assert "for method in sop dino ibot dino_vmf ibot_vmf" in text and '--launcher "$LAUNCHER"' in text
+    methods = " ".join(_load_quality().METHODS)  # the script's list is quality.py's, in its order
+    assert f"for method in {methods}" in text and '--launcher "$LAUNCHER"' in text
