@@ -90,6 +90,13 @@ def test_ibot_patch_loss_matches_reference():
     # center = EMA of the mean over ALL patches
     expected = 0.9 * c0 + 0.1 * t.reshape(-1, K).mean(0)
     torch.testing.assert_close(fn.center.center, expected)
+    # the caller's token index (what the methods pass): the same value, dense or selected student rows
+    index = torch.tensor([b * N + i for b in range(B2) for i in range(N) if masks[b, i]])
+    for student in (s, s[masks]):
+        fn.center.center.copy_(c0)
+        assert fn(student, t, masks, 0.05, token_index=index).item() == pytest.approx(dense.item(), rel=1e-9)
+    with pytest.raises(ValueError, match=f"student_logits has 2 rows but masks select {len(index)} tokens"):
+        fn(s[masks][:2], t, masks, 0.05, token_index=index)
 
 
 def test_probability_centering_keeps_a_distribution():
@@ -149,3 +156,27 @@ def test_cross_view_mean_equals_the_mean_over_pairs(views):
             if v != q:
                 grad_want[v] -= targets[q] / (B * pairs)
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-12, atol=1e-15)
+
+
+def test_masked_token_selection_matches_boolean_indexing():
+    """``select_tokens(x, masked_token_index(masks))`` is ``x[masks]`` (values and gradients), and
+    ``masked_image_mean`` the per-image loop written here, an image without masked tokens counting as 0."""
+    from sop_lightning.losses.common import masked_image_mean, masked_token_index, select_tokens
+
+    g = torch.Generator().manual_seed(2)
+    masks = torch.rand(5, 7, generator=g) < 0.4
+    masks[2] = False
+    x = torch.randn(5, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    index = masked_token_index(masks)
+    assert index.tolist() == [b * 7 + i for b in range(5) for i in range(7) if masks[b, i]]
+    picked = select_tokens(x, index)
+    assert torch.equal(picked, x[masks])
+    w = torch.randn(picked.shape, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((picked * w).sum(), x)
+    (ref,) = torch.autograd.grad((x[masks] * w).sum(), x)
+    assert torch.equal(grad, ref)
+    per_token = torch.rand(len(index), generator=g, dtype=torch.float64)
+    it = iter(per_token.tolist())
+    sums = [sum(next(it) for i in range(7) if masks[b, i]) for b in range(5)]
+    want = sum(t / max(1, int(masks[b].sum())) for b, t in enumerate(sums)) / 5
+    assert masked_image_mean(per_token, masks).item() == pytest.approx(want, rel=1e-12)

@@ -58,6 +58,26 @@ def test_build_sops_matches_brute_force_neighbours(search_block, monkeypatch):
         assert sop_rows(memory, anchors, k, chunk_size=3)[j].tolist() == [a] + [r for _, r in cos]
 
 
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
+def test_neighbours_skip_anchors_in_blocks_of_anchors_and_repeated_anchors(search_dtype, monkeypatch):
+    """The search masks the anchors' columns instead of gathering a pool: with slices of 5 rows the first two
+    slices hold nothing but anchors (fewer candidates than asked for), and an anchor drawn twice is still
+    never a neighbour. Against the brute force written here."""
+    monkeypatch.setattr(sop_module, "_CPU_SEARCH_BLOCK", 15)
+    memory = _unit(40, 6, seed=7).float()
+    anchors = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 30])
+    k = 4
+    rows = sop_rows(memory, anchors, k, chunk_size=3) if search_dtype == "float32" else None
+    sops = build_sops(memory, anchors, k, chunk_size=3, search_dtype=search_dtype)
+    pool = [r for r in range(40) if r not in anchors.tolist()]
+    for j, a in enumerate(anchors.tolist()):
+        top = [r for _, r in sorted(((float(memory[a] @ memory[r]), r) for r in pool), reverse=True)[:k]]
+        assert sops.rows[j].tolist() == [a, *top]
+        if rows is not None:
+            assert rows[j].tolist() == [a, *top]
+        torch.testing.assert_close(sops.supports[j, 1:], memory[top])
+
+
 def test_contribution_modes_and_clamp():
     memory = _unit(30, 4, seed=4).float()
     anchors = torch.tensor([1, 2, 3])
@@ -161,6 +181,10 @@ def test_sop_mim_loss_reference():
                 acc += float(-(pt * ps.log()).sum())
         total += acc / max(1, n)
     assert value.item() == pytest.approx(total / 4, rel=1e-5)
+    index = torch.tensor([0, 1, 2, 2 * 6 + 5])  # the methods' call: selected rows and their token index
+    assert mim(student[masks], teacher, masks, 0.05, step=1, token_index=index).item() == pytest.approx(value.item())
+    with pytest.raises(ValueError, match="student has 3 rows but masks select 4 tokens"):
+        mim(student[masks][:3], teacher, masks, 0.05, step=1)
 
 
 def test_koleo_reference():

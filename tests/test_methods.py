@@ -271,9 +271,9 @@ def test_ibot_patch_temperature_warms_up_from_pred_start_epoch(fake_fmnist):
         seen.append({"epoch": model.current_epoch, "cls": temp})
         return dino_forward(s, t, temp, *args)
 
-    def patch_spy(s, t, masks, temp, *args):
+    def patch_spy(s, t, masks, temp, *args, **kwargs):
         seen[-1]["patch"] = temp
-        return patch_forward(s, t, masks, temp, *args)
+        return patch_forward(s, t, masks, temp, *args, **kwargs)
 
     model.dino_loss.forward, model.patch_loss.forward = cls_spy, patch_spy
     _trainer(max_epochs=5, limit_train_batches=1, limit_val_batches=0).fit(model, _data(fake_fmnist))
@@ -362,3 +362,45 @@ def test_progress_bar_loss_is_a_host_copy_logged_with_the_logger(fake_fmnist, mo
     trainer.fit(model, _data(fake_fmnist))
     assert [(s, d, g) for s, d, g, _ in logged] == [(0, "cpu", False), (2, "cpu", False), (5, "cpu", False)]
     assert trainer.progress_bar_metrics["loss"] == pytest.approx(logged[-1][3])
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "allowed"),
+    [
+        (DINO, dict(num_prototypes=32), {"finite-loss check": 1}),
+        (IBOT, dict(num_prototypes=32), {"finite-loss check": 1, "masked tokens": 1}),
+        (SOP, SOP_SMALL, {"finite-loss check": 1, "masked tokens": 1, "distinct supports": 2}),
+    ],
+)
+def test_a_training_step_reads_few_device_values_on_the_host(cls, kwargs, allowed, fake_fmnist):
+    """Every read of a device value on the host (``.item()``, a truth test, ``nonzero`` — a boolean index runs
+    one, and its backward another) is a synchronisation on a GPU. Counted with torch.profiler over steps 2-4:
+    the finite-loss check (by design: it stops training before a bad update), one read of the masked-token
+    count (its length is the data's) and SOP's two distinct-support counts (the sizes of its sparse products);
+    nothing else. Two reads that only a CPU makes are not counted: the CPU fused AdamW's and Lightning's
+    reading of the progress bar's host copy; nor the data loading's (in the process here: ``num_workers=0``)."""
+    model = cls(warmup_epochs=0, **kwargs, **TINY)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True)
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                profiler.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                profiler.stop()
+
+    _trainer(max_steps=6, max_epochs=-1, log_every_n_steps=100, callbacks=[Window()]).fit(model, _data(fake_fmnist))
+    reads = []
+    for event in profiler.events():
+        if event.name not in ("aten::nonzero", "aten::_local_scalar_dense"):
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        skip = ("sop_lightning/data/", "torchvision/", "_fused_adamw_", "to_item")  # loading the next batch
+        if not any(s in c for c in chain for s in skip):
+            reads.append(" <- ".join(chain[:3]))
+    assert len(reads) == 3 * sum(allowed.values()), "\n".join(reads)

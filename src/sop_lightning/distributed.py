@@ -31,13 +31,16 @@ def rank() -> int:
 
 @torch.no_grad()
 def all_reduce_mean(total: Tensor, count: float | Tensor) -> Tensor:
-    """``(Σ_ranks total) / (Σ_ranks count)`` for a per-rank sum ``total`` over ``count`` rows."""
-    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
-    if is_distributed():
-        packed = torch.cat([total.reshape(-1), count.reshape(1)])
-        dist.all_reduce(packed)
-        total, count = packed[:-1].view_as(total), packed[-1]
-    return total / count
+    """``(Σ_ranks total) / (Σ_ranks count)`` for a per-rank sum ``total`` over ``count`` rows.
+
+    A Python ``count`` never becomes a tensor made on the host (``torch.as_tensor(count, device=...)`` is a copy
+    to the device, a host synchronisation on a GPU each call): it is filled on ``total``'s device."""
+    if not is_distributed():
+        return total / count
+    count = count.to(total).reshape(1) if isinstance(count, Tensor) else total.new_full((1,), float(count))
+    packed = torch.cat([total.reshape(-1), count])
+    dist.all_reduce(packed)
+    return packed[:-1].view_as(total) / packed[-1]
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ __all__ = [
     "cross_view_mean",
     "koleo_loss",
     "masked_image_mean",
+    "masked_token_index",
+    "select_tokens",
 ]
 
 
@@ -56,14 +58,32 @@ def cross_view_mean(targets: list[Tensor], log_preds: list[Tensor]) -> Tensor:
     return total / pairs
 
 
+def masked_token_index(masks: Tensor) -> Tensor:
+    """``(M,)`` flat positions ``b·N + i`` of the masked tokens of ``masks`` ``(B', N)`` (bool), ascending
+    (row-major mask order). ``M`` depends on the data, so this is the one host read of a masked step on a GPU:
+    compute it once and share it (:func:`select_tokens`, the losses' ``token_index``) — a boolean index
+    ``x[masks]`` reads ``M`` again every time, and once more in its backward."""
+    return masks.reshape(-1).nonzero().squeeze(1)
+
+
+def select_tokens(x: Tensor, token_index: Tensor) -> Tensor:
+    """``(M, ...)`` rows of ``x`` ``(B', N, ...)`` at the flat positions ``token_index`` ``(M,)``
+    (:func:`masked_token_index`): ``x[masks]`` without a host read, forward or backward."""
+    return x.flatten(0, 1).index_select(0, token_index)
+
+
 def masked_image_mean(per_token: Tensor, masks: Tensor) -> Tensor:
     """iBOT/SOP-MIM reduction (§4.3, §6.2): ``mean_b [Σ_i m_bi ℓ_bi / max(1, Σ_i m_bi)]``.
 
     ``per_token``: losses of the masked tokens only, ``(M,)`` in row-major order of ``masks``;
     ``masks``: bool ``(B', N)``. Images without a masked token count as 0 in the mean over ``B'``.
+    No host read: each token's image comes from the per-image counts, with ``M`` taken from ``per_token``.
     """
-    counts = masks.sum(1).clamp(min=1).to(per_token.dtype)
-    image_of_token = torch.arange(masks.shape[0], device=masks.device).unsqueeze(1).expand_as(masks)[masks]
+    per_image = masks.sum(1)
+    image_of_token = torch.repeat_interleave(
+        torch.arange(masks.shape[0], device=masks.device), per_image, output_size=per_token.numel()
+    )
+    counts = per_image.clamp(min=1).to(per_token.dtype)
     return (per_token / counts[image_of_token]).sum() / masks.shape[0]
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean
-from .common import at_least_fp32, cross_entropy, cross_view_mean, masked_image_mean
+from .common import at_least_fp32, cross_entropy, cross_view_mean, masked_image_mean, masked_token_index, select_tokens
 
 __all__ = ["Center", "DINOLoss", "IBOTPatchLoss", "teacher_stats"]
 
@@ -135,7 +135,9 @@ class IBOTPatchLoss(_CenteredDistillation):
 
     ``forward(student_logits, teacher_logits (2B, N, K), masks (2B, N), teacher_temp)``; the student
     logits are either dense ``(2B, N, K)`` or only the masked tokens ``(M, K)`` in row-major mask order
-    (cheaper). The patch center averages the teacher logits of **all** patches.
+    (cheaper). The patch center averages the teacher logits of **all** patches. ``token_index`` ``(M,)``: the
+    masked tokens' flat positions (:func:`~sop_lightning.losses.common.masked_token_index` of ``masks``), when
+    the caller has them (it selected the student's tokens with them): a step then reads ``M`` on the host once.
     """
 
     def forward(
@@ -146,16 +148,18 @@ class IBOTPatchLoss(_CenteredDistillation):
         teacher_temp: float,
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
+        token_index: Tensor | None = None,
     ) -> Tensor:
         masks = masks.flatten(1).bool()
         t = at_least_fp32(teacher_logits.detach())
         if t.shape[:2] != masks.shape:
             raise ValueError(f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
-        s = student_logits[masks] if student_logits.ndim == 3 else student_logits
-        if s.shape[0] != int(masks.sum()):
-            raise ValueError(f"student_logits has {s.shape[0]} rows but masks select {int(masks.sum())} tokens")
+        index = masked_token_index(masks) if token_index is None else token_index
+        s = select_tokens(student_logits, index) if student_logits.ndim == 3 else student_logits
+        if s.shape[0] != index.numel():
+            raise ValueError(f"student_logits has {s.shape[0]} rows but masks select {index.numel()} tokens")
         log_p_s = self.student_log_probs(s, student_bias)
-        p_t = self.center.teacher_probs(t[masks], teacher_temp, teacher_bias)
+        p_t = self.center.teacher_probs(select_tokens(t, index), teacher_temp, teacher_bias)
         loss = masked_image_mean(cross_entropy(p_t, log_p_s), masks)
         if self.training:
             self.center.update(t, teacher_temp, teacher_bias)

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from ..distributed import rank as current_rank
 from ..memory import MemoryBank
 from ..seeding import mix_seed
-from .common import at_least_fp32, compute_dtype, cross_entropy, cross_view_mean, masked_image_mean
+from .common import (
+    at_least_fp32,
+    compute_dtype,
+    cross_entropy,
+    cross_view_mean,
+    masked_image_mean,
+    masked_token_index,
+    select_tokens,
+)
 from .dino import teacher_stats
 
 __all__ = [
@@ -99,38 +107,46 @@ def _neighbours(
     """Cosines ``(K, k)`` and memory rows ``(K, k)`` of each anchor's top-``k`` non-anchor rows (§3.2),
     by descending cosine.
 
-    The ``K × (M−K)`` scores are computed in blocks of ``chunk_size`` anchors × a slice of the candidate
-    rows; each block keeps its top ``k`` and the blocks' candidates are merged (a row's top ``k`` lie
-    among its blocks' top ``k``). On CPUs a block has ``_CPU_SEARCH_BLOCK`` scores, so its top-``k`` reads
-    them from cache instead of memory (the search runs ≈ 25 % faster than one product and a top-``k`` over
-    whole rows at the paper's sizes); on other devices a block spans the whole pool.
+    The ``K × M`` scores are computed in blocks of ``chunk_size`` anchors × a slice of the memory rows, the
+    anchors' own columns set to ``-inf`` (the candidate pool is every non-anchor row, without gathering it:
+    no copy of the bank, and no host read of the pool's size on a GPU); each block keeps its top ``k`` and the
+    blocks' candidates are merged (a row's top ``k`` lie among its blocks' top ``k``). On CPUs a block has
+    ``_CPU_SEARCH_BLOCK`` scores, so its top-``k`` reads them from cache instead of memory (the search runs
+    ≈ 25 % faster than one product and a top-``k`` over whole rows at the paper's sizes); on other devices a
+    block spans the whole bank.
 
     ``search_dtype`` below fp32: the scores are computed in that dtype (the one product that grows with the
     bank), the top ``2k`` candidates are kept, and their cosines are recomputed in the memory's dtype to
     choose and order the final ``k``; so only ties within half-precision resolution of the ``k``-th cosine
     can change the choice, and the returned cosines are exact."""
-    K = anchor_idx.numel()
+    K, M = anchor_idx.numel(), memory.shape[0]
     if num_neighbors == 0:
         return memory.new_zeros(K, 0), anchor_idx.new_zeros(K, 0)
     search_dtype = resolve_search_dtype(search_dtype, memory.device)
     low_dtype = getattr(torch, search_dtype)
     low = search_dtype != "float32" and memory.dtype != low_dtype
     anchors = memory.index_select(0, anchor_idx)  # row gathers by index_select: ~4x faster than [] on CPUs
-    is_anchor = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
-    is_anchor[anchor_idx] = True
-    pool_idx = (~is_anchor).nonzero().squeeze(1)  # candidate pool R: every non-anchor row
-    P = pool_idx.numel()
-    candidates = min(2 * num_neighbors, P) if low else num_neighbors
+    width = M if memory.device.type != "cpu" else max(1, _CPU_SEARCH_BLOCK // min(chunk_size, K))
+    # each slice's anchor columns; on CPUs (several slices) found by a search read on the host, no sync there
+    starts = range(0, M, width)
+    if len(starts) == 1:
+        excluded = [anchor_idx]
+    else:
+        ordered = anchor_idx.sort().values
+        cuts = torch.searchsorted(ordered, torch.tensor([*starts, M], device=ordered.device)).tolist()
+        excluded = [ordered[a:b] - start for a, b, start in zip(cuts, cuts[1:], starts)]
+    # at least M − K non-anchor rows (exactly, for distinct anchors), and num_neighbors <= M − K (checked): the
+    # merged candidates are all non-anchor rows (finite scores), whatever the slices held
+    candidates = min(2 * num_neighbors, M - K) if low else num_neighbors
     chunks = (anchors.to(low_dtype) if low else anchors).split(chunk_size)
-    width = P if memory.device.type != "cpu" else max(1, _CPU_SEARCH_BLOCK // min(chunk_size, K))
-    scores, rows = [], []  # per slice of the pool: each anchor's best scores (K, c) and their memory rows
-    for start in range(0, P, width):
-        slice_rows = pool_idx[start : start + width]
-        block = memory.index_select(0, slice_rows)
+    scores, rows = [], []  # per slice of the bank: each anchor's best scores (K, c) and their memory rows
+    for start, cols in zip(starts, excluded):
+        block = memory[start : start + width]
         block_t = (block.to(low_dtype) if low else block).T  # (d, width): GEMM reads it transposed
-        best = [(a @ block_t).topk(min(candidates, slice_rows.numel()), dim=1) for a in chunks]
+        c = min(candidates, block.shape[0])
+        best = [(a @ block_t).index_fill_(1, cols, float("-inf")).topk(c, dim=1) for a in chunks]
         scores.append(torch.cat([s for s, _ in best]))
-        rows.append(slice_rows[torch.cat([i for _, i in best])])
+        rows.append(torch.cat([i for _, i in best]) + start)
     s, i = torch.cat(scores, 1), torch.cat(rows, 1)
     if len(scores) > 1:
         s, order = s.topk(candidates, dim=1)
@@ -402,7 +418,8 @@ class _SOPObjective(nn.Module):
         parts = (self.seed, step, task, self.objective_id) + ((current_rank(),) if self.per_rank_anchors else ())
         g = torch.Generator().manual_seed(mix_seed(*parts))
         perm = torch.randperm(self.memory.size, generator=g)
-        return perm[: self.num_anchors].to(self.memory.embeddings.device)
+        # drawn on the CPU (the same draw on any device); non_blocking: a blocking copy to a GPU waits for it
+        return perm[: self.num_anchors].to(self.memory.embeddings.device, non_blocking=True)
 
     def build(self, step: int, task: int = 0) -> SOPs:
         sops = build_sops(
@@ -412,7 +429,7 @@ class _SOPObjective(nn.Module):
         if self.keep < 1.0:  # §3.5 code "low_energy": keep a uniformly random subset of the SOPs
             g = torch.Generator().manual_seed(mix_seed(self.seed, step, task, self.objective_id, 1))
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
-            kept = kept.to(sops.supports.device)
+            kept = kept.to(sops.supports.device, non_blocking=True)
             sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
         # once for the student and teacher calls
         return sops._replace(distinct=distinct_supports(sops, self.memory.size))
@@ -473,7 +490,9 @@ class SOPMIMLoss(_SOPObjective):
     """SOP-MIM (§4): same-view masked patches against local SOPs of the patch memory.
 
     ``forward(student, teacher (2B, N, d), masks (2B, N), teacher_temp, step)``; ``student`` is dense
-    ``(2B, N, d)`` or only the masked tokens ``(M, d)`` in row-major mask order.
+    ``(2B, N, d)`` or only the masked tokens ``(M, d)`` in row-major mask order. ``token_index`` ``(M,)``: the
+    masked tokens' flat positions (:func:`~sop_lightning.losses.common.masked_token_index` of ``masks``), when
+    the caller has them (it selected the student's tokens with them): a step then reads ``M`` on the host once.
     """
 
     def __init__(
@@ -498,16 +517,27 @@ class SOPMIMLoss(_SOPObjective):
             anchor_mode, clamp_contributions, seed, 1, knn_chunk, per_rank_anchors, track_indices, search_dtype,
         )  # fmt: skip
 
-    def forward(self, student: Tensor, teacher: Tensor, masks: Tensor, teacher_temp: float, step: int) -> Tensor:
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        masks: Tensor,
+        teacher_temp: float,
+        step: int,
+        token_index: Tensor | None = None,
+    ) -> Tensor:
         masks = masks.flatten(1).bool()
         if teacher.shape[:2] != masks.shape:
             raise ValueError(f"teacher {tuple(teacher.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
+        index = masked_token_index(masks) if token_index is None else token_index
         if student.ndim == 3:
-            student = student[masks]
+            student = select_tokens(student, index)
+        if student.shape[0] != index.numel():
+            raise ValueError(f"student has {student.shape[0]} rows but masks select {index.numel()} tokens")
         sops = self.build(step)
         log_p_s = _log(sop_probabilities(student, sops, self.student_temp))
         with torch.no_grad():
-            p_t = sop_probabilities(teacher.detach()[masks], sops, teacher_temp)
+            p_t = sop_probabilities(select_tokens(teacher.detach(), index), sops, teacher_temp)
         if self.training and p_t.shape[0]:
             self.stats = teacher_stats(p_t)
         return masked_image_mean(cross_entropy(p_t, log_p_s), masks)

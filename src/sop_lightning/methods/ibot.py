@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ..losses.common import masked_token_index, select_tokens
 from ..losses.dino import DINOLoss, IBOTPatchLoss
 from ..network import Embeddings
 from .base import SelfDistillation
@@ -67,9 +68,11 @@ class IBOT(SelfDistillation):
         hp = self.hparams  # §6.2: the patch temperature starts its warm-up when masked modelling starts
         patch_temp = self.teacher_temp_at(self.global_step, hp.teacher_patch_temp, hp.pred_start_epoch)
         t_bias = self.prototype_biases(patch_temp)[1] if patch_temp != temp else t_bias
+        index = masked_token_index(flat)  # the step's one read of the masked-token count on the host
         patch_loss = self.patch_loss(
-            proto_s(student.patches[flat]), proto_t(teacher.patches), flat, patch_temp, s_bias, t_bias
-        )
+            proto_s(select_tokens(student.patches, index)), proto_t(teacher.patches), flat, patch_temp, s_bias,
+            t_bias, token_index=index,
+        )  # fmt: skip
         loss = cls_loss + self.hparams.mim_weight * patch_loss
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
 

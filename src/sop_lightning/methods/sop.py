@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..callbacks.memory import MemoryEnqueue
+from ..losses.common import masked_token_index, select_tokens
 from ..losses.sop import SOPLoss, SOPMIMLoss
 from ..memory import MemoryBank
 from ..network import Embeddings
@@ -125,8 +126,11 @@ class SOP(SelfDistillation):
         hp, step = self.hparams, self.global_step
         batch = teacher.cls.shape[0] // 2
         flat = masks.flatten(1)
+        index = masked_token_index(flat)  # the step's one read of the masked-token count on the host
         cls_loss = self.sop_loss(student.cls, teacher.cls, temp, step)
-        mim_loss = self.sop_mim_loss(student.patches[flat], teacher.patches, flat, temp, step)
+        mim_loss = self.sop_mim_loss(
+            select_tokens(student.patches, index), teacher.patches, flat, temp, step, token_index=index
+        )
         loss = cls_loss + hp.mim_weight * mim_loss
         if step < hp.memory_fill_steps:  # the banks still hold mostly random rows: no learning signal yet
             loss = loss * 0.0
@@ -151,7 +155,7 @@ class SOP(SelfDistillation):
         cls_rows = torch.cat([teacher.cls[v * batch : (v + 1) * batch] for v in views])
         patches = teacher.patches[batch : 2 * batch]  # (B, N, d), global view 2
         n = patches.shape[1]
-        u = self._patch_draws(batch).to(patches.device)  # (B,) uniform in [0, 1)
+        u = self._patch_draws(batch).to(patches.device, non_blocking=True)  # (B,) uniform in [0, 1)
         if self.hparams.patch_enqueue == "random_masked_one":
             # uniform over the masked positions of the image (any position when none is masked)
             weights = masks[batch : 2 * batch].float() + (~masks[batch : 2 * batch].any(1, keepdim=True)).float()
