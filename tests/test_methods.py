@@ -369,16 +369,17 @@ def test_progress_bar_loss_is_a_host_copy_logged_with_the_logger(fake_fmnist, mo
     [
         (DINO, dict(num_prototypes=32), {"finite-loss check": 1}),
         (IBOT, dict(num_prototypes=32), {"finite-loss check": 1, "masked tokens": 1}),
-        (SOP, SOP_SMALL, {"finite-loss check": 1, "masked tokens": 1, "distinct supports": 2}),
+        (SOP, SOP_SMALL, {"finite-loss check": 1, "masked tokens": 1, "distinct supports": 1}),
     ],
 )
 def test_a_training_step_reads_few_device_values_on_the_host(cls, kwargs, allowed, fake_fmnist):
     """Every read of a device value on the host (``.item()``, a truth test, ``nonzero`` — a boolean index runs
     one, and its backward another) is a synchronisation on a GPU. Counted with torch.profiler over steps 2-4:
     the finite-loss check (by design: it stops training before a bad update), one read of the masked-token
-    count (its length is the data's) and SOP's two distinct-support counts (the sizes of its sparse products);
-    nothing else. Two reads that only a CPU makes are not counted: the CPU fused AdamW's and Lightning's
-    reading of the progress bar's host copy; nor the data loading's (in the process here: ``num_workers=0``)."""
+    count (its length is the data's) and the count of SOP's distinct [CLS] supports (the size of its sparse
+    products; SOP-MIM's, with k = 0, are its anchors, distinct by construction); nothing else. Two reads that
+    only a CPU makes are not counted: the CPU fused AdamW's and Lightning's reading of the progress bar's host
+    copy; nor the data loading's (in the process here: ``num_workers=0``)."""
     model = cls(warmup_epochs=0, **kwargs, **TINY)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True)
 

@@ -431,6 +431,10 @@ class _SOPObjective(nn.Module):
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device, non_blocking=True)
             sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
+        if self.num_neighbors == 0:  # each SOP is its anchor alone, and anchors are drawn without repetition:
+            # every support is distinct (no count to read back from the device)
+            flat = sops.supports.detach().flatten(0, 1)
+            return sops._replace(distinct=(flat, torch.arange(flat.shape[0], device=flat.device)))
         # once for the student and teacher calls
         return sops._replace(distinct=distinct_supports(sops, self.memory.size))
 
