@@ -2,6 +2,9 @@
 constraint, and nothing already written (checkpoints) is lost."""
 
 import math
+import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -67,6 +70,92 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt",
                                                                      "last.ckpt"]  # fmt: skip
+
+
+class NaNAtBatch2(DINO):
+    """DINO whose loss turns NaN on batch 2: with two batches a step, the first of step 1's two."""
+
+    def compute_losses(self, student, teacher, masks, temp):
+        losses = super().compute_losses(student, teacher, masks, temp)
+        if self.trainer.fit_loop.epoch_loop.batch_idx == 2:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+
+def test_a_non_finite_loss_in_any_accumulated_batch_stops_before_the_update(fake_fmnist):
+    """With gradient accumulation the check runs once, before the optimizer step, over every batch since the
+    last one: a NaN in the first of two batches is not missed, and the weights keep the last good update."""
+    model = NaNAtBatch2(num_prototypes=8, **TINY)
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:  # after step 0's update
+                seen["student"] = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+
+    trainer = _trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[Snapshot()])
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(epoch 0\): loss=nan\."):
+        trainer.fit(model, _data(fake_fmnist))
+    assert trainer.global_step == 1
+    for k, v in model.student.state_dict().items():
+        assert torch.equal(v, seen["student"][k]), k
+
+
+NAN_ON_ONE_RANK = """
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+from sop_lightning import DINO, SSLDataModule
+
+root, out = sys.argv[1], Path(sys.argv[2])
+
+
+class NaNOnRank0(DINO):
+    def compute_losses(self, student, teacher, masks, temp):
+        losses = super().compute_losses(student, teacher, masks, temp)
+        if self.global_step == 2 and self.global_rank == 0:  # the same terms on every rank, one of them NaN
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    def _check_finite(self):
+        try:
+            super()._check_finite()
+        except FloatingPointError as error:  # each rank says what stopped it (spawn reports one rank's error)
+            (out / f"rank{self.global_rank}.txt").write_text(f"FloatingPointError: {error}")
+            time.sleep(3)  # before the first rank to fail takes the others down
+            raise
+
+
+if __name__ == "__main__":  # the spawned ranks import this file
+    model = NaNOnRank0(num_prototypes=8, backbone="vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32,
+                       depth=1, num_heads=2, hidden_dim=32, out_dim=16)
+    data = SSLDataModule(root=root, batch_size=2, num_workers=0, global_size=28, local_size=12, num_local=1,
+                         patch_size=4, eval_resize_ratio=1.0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(model, data)
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(fake_fmnist, tmp_path):
+    """Under DDP the check reads the losses reduced over the ranks: a NaN on rank 0 alone stops both ranks at
+    step 2 with the same error, instead of rank 0 stopping while rank 1 waits for it in a collective."""
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(fake_fmnist), str(tmp_path)], env=env, timeout=180,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0, done.stdout[-2000:]
+    for rank in (0, 1):
+        marker = tmp_path / f"rank{rank}.txt"
+        assert marker.exists(), f"rank {rank} did not stop with the error\n{done.stderr[-3000:]}"
+        message = marker.read_text()
+        assert message.startswith("FloatingPointError: non-finite loss at step 2 (epoch 0): loss=nan (the mean over "
+                                  "ranks). Training stopped before this step's update"), message  # fmt: skip
 
 
 def test_unreadable_images_raise_with_the_path_or_are_skipped_and_counted(tmp_path):

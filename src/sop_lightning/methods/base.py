@@ -102,6 +102,8 @@ class SelfDistillation(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # the losses of the micro-batches since the last optimizer step, checked before it (_check_finite)
+        self._unchecked: list[tuple[int, int, list[str], Tensor]] = []
         _check_positive(base_lr=base_lr, teacher_temp=teacher_temp, student_temp=student_temp, out_dim=out_dim)
         _check_range("momentum_teacher", momentum_teacher, 0.0, 1.0)
         _check_range("momentum_teacher_end", momentum_teacher_end, 0.0, 1.0)
@@ -221,6 +223,7 @@ class SelfDistillation(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.refresh_schedule_length()  # a new fit may have another trainer, loader or limits
+        self._unchecked = []  # nothing left over from a fit that stopped between a step and its update
 
     def on_train_epoch_start(self) -> None:
         # each epoch's augmentations come from streams seeded by (seed, rank, worker, epoch)
@@ -360,19 +363,13 @@ class SelfDistillation(L.LightningModule):
             if self.hparams.koleo_weight > 0:
                 losses = self._add_koleo(losses, student.cls, teacher.cls.shape[0] // 2)
         loss = losses["loss"]
-        finite = torch.stack([torch.isfinite(v).all() for v in losses.values()])
-        if not bool(finite.all()):  # one host sync; raised before backward, optimizer step, EMA and checkpoint
-            bad = [(k, float(v.detach())) for (k, v), ok in zip(losses.items(), finite.tolist()) if not ok]
-            terms = ", ".join(f"{k}={v}" for k, v in bad)
-            raise FloatingPointError(
-                f"non-finite loss at step {step} (epoch {self.current_epoch}): {terms}. Training stopped before "
-                "this step's update; the checkpoints already written are untouched (resume from the last one with a "
-                "lower base_lr, a smaller clip_grad or bf16-mixed instead of 16-mixed)"
-            )
         names = list(losses)
         values = torch.stack([losses[k].detach() for k in names])
         if self.trainer.world_size > 1:  # the logged losses are the global batch's: one all-reduce for all
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        # checked before the optimizer step (after backward has been queued: no wait for the forward here); the
+        # global batch's values, so a non-finite loss on any rank stops every rank at the same point
+        self._unchecked.append((step, self.current_epoch, names, values))
         log = {f"train/{k}": v for k, v in zip(names, values)}
         every = self.trainer.log_every_n_steps  # the schedules only on the steps the logger writes: a call
         writes = every > 0 and (step + 1) % every == 0  # of self.log costs ~0.5 ms (Lightning), 4 % of a demo step
@@ -421,10 +418,27 @@ class SelfDistillation(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._check_finite()
         prototypes = self.student.prototypes
         if prototypes is not None and self.current_epoch < self.hparams.freeze_last_layer:
             for p in prototypes.parameters():
                 p.grad = None
+
+    def _check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the step and the non-finite terms if a loss since the last
+        optimizer step is not finite: after its backward, before the update, the EMA, the banks' enqueue and any
+        checkpoint of the step, so the last checkpoint is the last good step. One host read a step."""
+        checks, self._unchecked = self._unchecked, []
+        if not checks or bool(torch.isfinite(torch.cat([v for *_, v in checks])).all()):
+            return
+        step, epoch, names, values = next(c for c in checks if not bool(torch.isfinite(c[3]).all()))
+        terms = ", ".join(f"{k}={float(v)}" for k, v in zip(names, values) if not torch.isfinite(v))
+        where = " (the mean over ranks)" if self.trainer.world_size > 1 else ""
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (epoch {epoch}): {terms}{where}. Training stopped before this step's "
+            "update; the checkpoints already written are untouched (resume from the last one with a lower base_lr, "
+            "a smaller clip_grad or bf16-mixed instead of 16-mixed)"
+        )
 
     # ------------------------------------------------------------------ public helpers (API.md)
     def teacher_backbone(self) -> ViTBackbone:
