@@ -13,6 +13,7 @@ __all__ = [
     "cross_view_mean",
     "koleo_loss",
     "masked_image_mean",
+    "masked_student_rows",
     "masked_token_index",
     "select_tokens",
 ]
@@ -70,6 +71,20 @@ def select_tokens(x: Tensor, token_index: Tensor) -> Tensor:
     """``(M, ...)`` rows of ``x`` ``(B', N, ...)`` at the flat positions ``token_index`` ``(M,)``
     (:func:`masked_token_index`): ``x[masks]`` without a host read, forward or backward."""
     return x.flatten(0, 1).index_select(0, token_index)
+
+
+def masked_student_rows(
+    student: Tensor, masks: Tensor, token_index: Tensor | None, name: str = "student"
+) -> tuple[Tensor, Tensor]:
+    """The masked-patch losses' inputs (§4.3, §6.2): ``(rows (M, ...), token_index (M,))`` — the student's rows
+    of the masked tokens, selected from dense ``(B', N, ...)`` or given as ``(M, ...)`` in row-major mask order
+    and checked against the count, and their positions (``token_index``, :func:`masked_token_index` of
+    ``masks`` (bool ``(B', N)``) when not given). ``name``: the argument named in the error."""
+    index = masked_token_index(masks) if token_index is None else token_index
+    rows = select_tokens(student, index) if student.ndim == 3 else student
+    if rows.shape[0] != index.numel():
+        raise ValueError(f"{name} has {rows.shape[0]} rows but masks select {index.numel()} tokens")
+    return rows, index
 
 
 def masked_image_mean(per_token: Tensor, masks: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean
-from .common import at_least_fp32, cross_entropy, cross_view_mean, masked_image_mean, masked_token_index, select_tokens
+from .common import at_least_fp32, cross_entropy, cross_view_mean, masked_image_mean, masked_student_rows, select_tokens
 
 __all__ = ["Center", "DINOLoss", "IBOTPatchLoss", "teacher_stats"]
 
@@ -154,10 +154,7 @@ class IBOTPatchLoss(_CenteredDistillation):
         t = at_least_fp32(teacher_logits.detach())
         if t.shape[:2] != masks.shape:
             raise ValueError(f"teacher_logits {tuple(t.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
-        index = masked_token_index(masks) if token_index is None else token_index
-        s = select_tokens(student_logits, index) if student_logits.ndim == 3 else student_logits
-        if s.shape[0] != index.numel():
-            raise ValueError(f"student_logits has {s.shape[0]} rows but masks select {index.numel()} tokens")
+        s, index = masked_student_rows(student_logits, masks, token_index, "student_logits")
         log_p_s = self.student_log_probs(s, student_bias)
         p_t = self.center.teacher_probs(select_tokens(t, index), teacher_temp, teacher_bias)
         loss = masked_image_mean(cross_entropy(p_t, log_p_s), masks)

@@ -22,7 +22,7 @@ from .common import (
     cross_entropy,
     cross_view_mean,
     masked_image_mean,
-    masked_token_index,
+    masked_student_rows,
     select_tokens,
 )
 from .dino import teacher_stats
@@ -311,8 +311,9 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
 
 def distinct_supports(sops: SOPs, num_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """``(U, d)`` distinct support embeddings and the ``(K·S,)`` index of every support among them (all
-    supports, ``U = K·S``, when their memory rows are unknown). ``num_rows``: the memory's size, a bound on
-    the row numbers (read from the rows when not given: a host synchronisation on a GPU)."""
+    supports, ``U = K·S``, when their memory rows are not given: unknown, or known to differ). ``num_rows``: the
+    memory's size, a bound on the row numbers (read from the rows when not given: a host synchronisation on a
+    GPU)."""
     K, S, d = sops.supports.shape
     flat = sops.supports.detach().reshape(K * S, d)
     if sops.rows is None:
@@ -431,12 +432,10 @@ class _SOPObjective(nn.Module):
             kept = torch.randperm(self.num_anchors, generator=g)[: int(self.num_anchors * self.keep)]
             kept = kept.to(sops.supports.device, non_blocking=True)
             sops = SOPs(sops.supports[kept], sops.contributions[kept], sops.rows[kept])
-        if self.num_neighbors == 0:  # each SOP is its anchor alone, and anchors are drawn without repetition:
-            # every support is distinct (no count to read back from the device)
-            flat = sops.supports.detach().flatten(0, 1)
-            return sops._replace(distinct=(flat, torch.arange(flat.shape[0], device=flat.device)))
-        # once for the student and teacher calls
-        return sops._replace(distinct=distinct_supports(sops, self.memory.size))
+        # once for the student and teacher calls; with k = 0 each SOP is its anchor alone and the anchors are drawn
+        # without repetition, so every support is distinct: no rows to compare (no count read back from the device)
+        to_compare = sops if self.num_neighbors else sops._replace(rows=None)
+        return sops._replace(distinct=distinct_supports(to_compare, self.memory.size))
 
 
 class SOPLoss(_SOPObjective):
@@ -533,11 +532,7 @@ class SOPMIMLoss(_SOPObjective):
         masks = masks.flatten(1).bool()
         if teacher.shape[:2] != masks.shape:
             raise ValueError(f"teacher {tuple(teacher.shape)} and masks {tuple(masks.shape)} disagree on (2B, N)")
-        index = masked_token_index(masks) if token_index is None else token_index
-        if student.ndim == 3:
-            student = select_tokens(student, index)
-        if student.shape[0] != index.numel():
-            raise ValueError(f"student has {student.shape[0]} rows but masks select {index.numel()} tokens")
+        student, index = masked_student_rows(student, masks, token_index)
         sops = self.build(step)
         log_p_s = _log(sop_probabilities(student, sops, self.student_temp))
         with torch.no_grad():
