@@ -415,6 +415,35 @@ def seed_runs(rows: list[dict], main: dict, tags: str = r"seed\d+") -> list[dict
     return sorted([main, *same], key=lambda r: r.get("seed") or 0)
 
 
+def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
+    """SOP's lead over each method with the host held fixed: least squares of the additive model ``top1 = a_SOP
+    + b_method + c_host`` over every run in ``runs`` (method -> rows), the host being the row's kernel build
+    (``machine["platform"]``). Equal-time runs on a faster host make more steps and read higher, so where the
+    methods' seeds ran on the hosts in different shares the plain means carry the host's effect; within-host
+    contrasts do not. Returns ``{"leads": {method: (SOP − method, its standard error)}, "dof", "sd" (the
+    residual deviation), "hosts", "runs"}``; None where the runs span one host, SOP has no run, or the model has
+    no residual degree of freedom or cannot tell method from host (a rank-deficient design: a method whose runs
+    all ran on a host no other method used)."""
+    if "sop" not in runs:
+        return None
+    methods = ["sop", *(m for m in runs if m != "sop")]
+    flat = [(m, r["machine"].get("platform", "")) for m in methods for r in runs[m]]
+    hosts = sorted({h for _, h in flat})
+    if len(hosts) < 2:
+        return None
+    y = torch.tensor([r["top1"] for m in methods for r in runs[m]], dtype=torch.float64)
+    x = torch.tensor([[1.0, *(float(m == o) for o in methods[1:]), *(float(h == o) for o in hosts[1:])]
+                      for m, h in flat], dtype=torch.float64)  # fmt: skip
+    n, p = x.shape
+    if n <= p or int(torch.linalg.matrix_rank(x)) < p:
+        return None
+    inverse = torch.linalg.inv(x.T @ x)
+    beta = inverse @ x.T @ y
+    variance = float(((y - x @ beta) ** 2).sum()) / (n - p)
+    leads = {m: (-float(beta[i]), math.sqrt(variance * float(inverse[i, i]))) for i, m in enumerate(methods[1:], 1)}
+    return {"leads": leads, "dof": n - p, "sd": math.sqrt(variance), "hosts": len(hosts), "runs": n}
+
+
 def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
     """Markdown lines of the methods' k-NN top-1 over their seeds (:func:`seed_runs`; ``tag`` the longer
     budget's, e.g. ``"budget45"``, whose other seeds are tagged ``budget45seed<n>``): mean ± sample standard
@@ -454,6 +483,14 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
         span = f"{min(r['top1'] for r in group):.2f}–{max(r['top1'] for r in group):.2f}" if n > 1 else ""
         lines.append(f"| {METHODS[method]} | {n} ({seeds}) | {mean:.2f}{spread} | {span} | {steps:.0f} | {lead} "
                      f"| {own} | {pooled_se} |")  # fmt: skip
+    adjusted = host_adjusted({m: group for m, group in runs.items() if m in METHODS})  # not the baselines' rows
+    if adjusted:
+        leads = ", ".join(f"− {METHODS[m]} {adjusted['leads'][m][0]:+.2f} ± {adjusted['leads'][m][1]:.2f}"
+                          for m in METHODS if m in adjusted["leads"])  # fmt: skip
+        lines += ["", f"Host-adjusted (the {adjusted['runs']} runs span {adjusted['hosts']} hosts, told apart by "
+                  "their kernel build: least squares of top-1 = method + host, so each lead is measured within "
+                  "hosts; residual deviation "
+                  f"{adjusted['sd']:.2f} with {adjusted['dof']} degrees of freedom): SOP {leads}."]  # fmt: skip
     return lines
 
 

@@ -347,6 +347,52 @@ def test_quality_report_summarises_seeds(tmp_path):
     assert "99.00" not in "".join(table["DINO"])
 
 
+def test_host_adjusted_leads_hold_the_host_fixed():
+    """SOP's host-adjusted lead (least squares of top-1 = method + host). Unbalanced hosts and noise-free additive
+    data: the plain means' difference carries the host's effect, the adjusted lead is the true one. A balanced
+    2 × 2 design with two runs a cell and noise: the lead is the difference of the methods' means and its standard
+    error s · sqrt(1/4 + 1/4), s² the residual sum of squares of the additive fit (written out) over 8 − 3."""
+    quality = _load_quality()
+
+    def run(top1: float, host: str) -> dict:
+        return {"top1": top1, "machine": {"platform": host}}
+
+    # SOP is 0.3 above DINO on either host; the fast host adds 0.5; SOP ran mostly on the slow one
+    runs = {"sop": [run(87.0, "slow"), run(87.0, "slow"), run(87.0, "slow"), run(87.5, "fast")],
+            "dino": [run(86.7, "slow"), run(87.2, "fast"), run(87.2, "fast")]}  # fmt: skip
+    plain = sum(r["top1"] for r in runs["sop"]) / 4 - sum(r["top1"] for r in runs["dino"]) / 3
+    assert abs(plain - 0.3) > 0.1  # the plain means mislead ...
+    out = quality.host_adjusted(runs)
+    lead, se = out["leads"]["dino"]
+    assert abs(lead - 0.3) < 1e-9 and se < 1e-6 and out["dof"] == 7 - 3 and out["hosts"] == 2  # ... not this
+
+    cells = {("sop", "a"): [86.0, 86.4], ("sop", "b"): [87.1, 86.9], ("dino", "a"): [85.8, 85.6],
+             ("dino", "b"): [86.2, 86.8]}  # fmt: skip
+    runs = {m: [run(v, h) for (mm, h), vs in cells.items() if mm == m for v in vs] for m in ("sop", "dino")}
+    groups = {"sop": cells["sop", "a"] + cells["sop", "b"], "dino": cells["dino", "a"] + cells["dino", "b"],
+              "a": cells["sop", "a"] + cells["dino", "a"], "b": cells["sop", "b"] + cells["dino", "b"]}  # fmt: skip
+    mean = {k: sum(v) / len(v) for k, v in groups.items()}
+    grand = sum(sum(v) for v in cells.values()) / 8
+    rss = sum((v - (mean[m] + mean[h] - grand)) ** 2 for (m, h), vs in cells.items() for v in vs)
+    lead, se = quality.host_adjusted(runs)["leads"]["dino"]
+    assert abs(lead - (mean["sop"] - mean["dino"])) < 1e-9
+    assert abs(se - (rss / 5) ** 0.5 * (1 / 4 + 1 / 4) ** 0.5) < 1e-9
+
+    # the report's seed table states it under the table
+    def row(method: str, seed: int, top1: float, host: str) -> dict:
+        return {"method": method, "tag": "main" if seed == 0 else f"seed{seed}", "seed": seed, "top1": top1,
+                "steps": 100, "machine": {"platform": host, "device": "cpu", "cpu_capability": "AVX512"}}  # fmt: skip
+
+    rows = [row(m, i, v, h) for (m, h), vs in cells.items() for i, v in enumerate(vs, 2 * (h == "b"))]
+    rows.append(row("pixels", 0, 84.6, "c"))  # a baseline row, measured once on another host, stays out
+    lines = quality.seed_table(rows, [r for r in rows if r["seed"] == 0])
+    assert lines[-1].startswith("Host-adjusted (the 8 runs span 2 hosts")
+    assert lines[-1].endswith(f"5 degrees of freedom): SOP − DINO {lead:+.2f} ± {se:.2f}.")
+    # one host, or a method seen on a host no other method ran on: nothing to adjust, or no way to
+    assert quality.host_adjusted({"sop": [run(1.0, "a"), run(2.0, "a")], "dino": [run(1.0, "a")]}) is None
+    assert quality.host_adjusted({"sop": [run(1.0, "a"), run(2.0, "a")], "dino": [run(1.0, "b")] * 3}) is None
+
+
 def test_quality_report_shows_the_launcher_of_rows_run_together(tmp_path):
     """Rows started together by one launcher (``--launcher``, as ``benchmarks/quality_gpu.sh`` passes it) are
     reproduced by that one command: the report lists it once instead of each row's own ``quality.py`` command;
