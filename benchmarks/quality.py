@@ -427,13 +427,13 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     if "sop" not in runs:
         return None
     methods = ["sop", *(m for m in runs if m != "sop")]
-    flat = [(m, r["machine"].get("platform", "")) for m in methods for r in runs[m]]
-    hosts = sorted({h for _, h in flat})
+    flat = [(m, r["machine"].get("platform", ""), r["top1"]) for m in methods for r in runs[m]]
+    hosts = sorted({h for _, h, _ in flat})
     if len(hosts) < 2:
         return None
-    y = torch.tensor([r["top1"] for m in methods for r in runs[m]], dtype=torch.float64)
+    y = torch.tensor([top1 for _, _, top1 in flat], dtype=torch.float64)
     x = torch.tensor([[1.0, *(float(m == o) for o in methods[1:]), *(float(h == o) for o in hosts[1:])]
-                      for m, h in flat], dtype=torch.float64)  # fmt: skip
+                      for m, h, _ in flat], dtype=torch.float64)  # fmt: skip
     n, p = x.shape
     if n <= p or int(torch.linalg.matrix_rank(x)) < p:
         return None
@@ -453,7 +453,7 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
     method's own deviation is itself a noisy guess (two seeds that happen to agree give a small one), while
     the training seed's spread is much the same for every method, so the pooled one is the steadier; it also
     gives a standard error where a method has one seed. None where no method has two seeds."""
-    runs = {m["method"]: seed_runs(rows, m, rf"{tag}seed\d+") for m in mains}
+    runs = {m["method"]: seed_runs(rows, m, rf"{tag}seed\d+") for m in mains if m["method"] in METHODS}
     if max((len(r) for r in runs.values()), default=0) < 2:
         return []
     stats = {}
@@ -483,7 +483,7 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
         span = f"{min(r['top1'] for r in group):.2f}–{max(r['top1'] for r in group):.2f}" if n > 1 else ""
         lines.append(f"| {METHODS[method]} | {n} ({seeds}) | {mean:.2f}{spread} | {span} | {steps:.0f} | {lead} "
                      f"| {own} | {pooled_se} |")  # fmt: skip
-    adjusted = host_adjusted({m: group for m, group in runs.items() if m in METHODS})  # not the baselines' rows
+    adjusted = host_adjusted(runs)
     if adjusted:
         leads = ", ".join(f"− {METHODS[m]} {adjusted['leads'][m][0]:+.2f} ± {adjusted['leads'][m][1]:.2f}"
                           for m in METHODS if m in adjusted["leads"])  # fmt: skip
