@@ -246,7 +246,7 @@ def run_method(method: str, args: argparse.Namespace) -> tuple[dict, LightningCL
     batch = cli.datamodule.batch_size
     ckpt = root / f"{method}_{args.tag}.ckpt"
     where = machine(cli.trainer.strategy.root_device)  # the run's device: a CPU run on a GPU machine is a CPU row
-    cli.trainer.save_checkpoint(ckpt)
+    cli.trainer.save_checkpoint(ckpt, weights_only=False)  # resumable: callbacks and loops too
     row = {
         "method": method, "name": METHODS[method], "tag": args.tag, "seed": args.seed,
         "budget_minutes": None if args.steps or args.epochs else args.budget, "epochs": args.epochs,

@@ -43,7 +43,7 @@ def run(argv: list[str]) -> dict[str, float]:
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not ckpt and trainer.log_dir:
         ckpt = str(Path(trainer.log_dir) / "checkpoints" / "demo-final.ckpt")
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)  # resumable: callbacks and loops too
     method = type(model).__name__
     print(
         f"\n[demo] {method} after {trainer.global_step} steps: teacher weighted 20-NN on the Fashion-MNIST test "
