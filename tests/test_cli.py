@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sop_lightning.cli import build_cli, main
+from sop_lightning.cli import ConfigError, _library_value_error, build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
@@ -56,3 +56,29 @@ def test_two_step_fit_of_demo_config(config, fake_fmnist, tmp_path):
     assert ckpts
     # linked data facts reached the model (the demo's 2 x 2 grid: 14-px patches on 28-px views)
     assert cli.model.hparams.img_size == 28 and cli.model.hparams.patch_size == 14
+
+
+def test_a_bad_value_is_one_line_and_status_2_from_main_and_a_config_error_from_build_cli(capsys):
+    sop = ["fit", "--config", str(ROOT / "experiments" / "demo" / "sop.yaml"), "--trainer.logger", "false"]
+    assert main([*sop, "--model.init_args.num_anchors", "1"]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == "sop-lightning fit: error: num_anchors (K) must be >= 2, got 1"
+    with pytest.raises(ConfigError, match=r"^grayscale_prob must be a probability in \[0, 1\], got 1.5$"):
+        build_cli([*sop, "--data.init_args.grayscale_prob", "1.5"])
+
+
+def test_only_value_errors_raised_by_the_library_are_reported_as_config_errors():
+    from sop_lightning.methods.sop import SOP
+
+    def outside():  # raised here, in the tests, not in sop_lightning
+        raise ValueError("not ours")
+
+    with pytest.raises(ValueError) as foreign:
+        try:
+            outside()
+        except ValueError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes") from inner
+    assert _library_value_error(foreign.value) is None
+    with pytest.raises(ValueError) as ours:
+        SOP(num_anchors=1)
+    assert _library_value_error(ours.value) is ours.value

@@ -80,6 +80,10 @@ def test_failures_exit_nonzero_with_a_clear_message(fake_fmnist, tmp_path, args,
     proc = _run(cmd, *extra, *rest, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
+    if "base_lr" in message:  # a bad value: status 2 and one line naming it, not jsonargparse's Union report
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == f"sop-lightning fit: error: {message}.0", proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "Union" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):

@@ -1,19 +1,40 @@
 """``sop-lightning fit | validate | export`` — LightningCLI in subclass mode (API.md, Command line).
 
-:func:`main` is the console-script entry point and returns an exit status (0 on success; failures raise,
-or argument errors exit with status 2, so a scheduler sees them); :func:`build_cli` returns the
-``SOPLightningCLI`` object for scripts and notebooks that want the trainer, model and data module.
+:func:`main` is the console-script entry point and returns an exit status (0 on success; failures raise;
+argument errors and bad values exit with status 2 and a one-line message, so a scheduler sees them);
+:func:`build_cli` returns the ``SOPLightningCLI`` object for scripts and notebooks that want the trainer, model
+and data module (a bad value raises :class:`ConfigError`, a ``ValueError``, with the same message).
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["SOPLightningCLI", "build_cli", "main"]
+__all__ = ["ConfigError", "SOPLightningCLI", "build_cli", "main"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, as a method's or data module's constructor reported it (the argument, its
+    value and the constraint); :func:`main` prints it as one line and exits with status 2."""
+
+
+def _library_value_error(err: BaseException) -> ValueError | None:
+    """The innermost ``ValueError`` raised by sop_lightning's own code in ``err``'s chain, or None."""
+    package = str(Path(__file__).resolve().parent)
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        frames = traceback.extract_tb(err.__traceback__)
+        if isinstance(err, ValueError) and frames and str(Path(frames[-1].filename).resolve()).startswith(package):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
 
 
 class SOPLightningCLI(LightningCLI):
@@ -23,6 +44,16 @@ class SOPLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.global_size", "model.init_args.img_size", apply_on="instantiate")
         parser.link_arguments("data.patch_size", "model.init_args.patch_size", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        # jsonargparse buries a constructor's ValueError under a "Union subtypes" report: surface it alone
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = _library_value_error(err)
+            if cause is None:
+                raise
+            raise ConfigError(str(cause)) from cause
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # the default rich progress bar gives way to --trainer.enable_progress_bar false (a batch job's log)
@@ -82,7 +113,12 @@ def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         return export_main(argv[1:])
-    build_cli(args)  # None: LightningCLI reads sys.argv itself
+    try:
+        build_cli(args)  # None: LightningCLI reads sys.argv itself
+    except ConfigError as err:
+        prog = " ".join(["sop-lightning", *argv[:1]]) if argv and not argv[0].startswith("-") else "sop-lightning"
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
