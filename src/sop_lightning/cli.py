@@ -26,12 +26,12 @@ class ConfigError(ValueError):
 
 def _library_value_error(err: BaseException) -> ValueError | None:
     """The innermost ``ValueError`` raised by sop_lightning's own code in ``err``'s chain, or None."""
-    package = str(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parent
     found, seen = None, set()
-    while err is not None and id(err) not in seen:
+    while err is not None and id(err) not in seen:  # a chain can loop back on itself
         seen.add(id(err))
         frames = traceback.extract_tb(err.__traceback__)
-        if isinstance(err, ValueError) and frames and str(Path(frames[-1].filename).resolve()).startswith(package):
+        if isinstance(err, ValueError) and frames and Path(frames[-1].filename).resolve().is_relative_to(package):
             found = err
         err = err.__cause__ or err.__context__
     return found
