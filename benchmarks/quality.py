@@ -417,8 +417,9 @@ def seed_runs(rows: list[dict], main: dict, tags: str = r"seed\d+") -> list[dict
 
 def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     """SOP's lead over each method with the host held fixed: least squares of the additive model ``top1 = a_SOP
-    + b_method + c_host`` over every run in ``runs`` (method -> rows), the host being the row's kernel build
-    (``machine["platform"]``). Equal-time runs on a faster host make more steps and read higher, so where the
+    + b_method + c_host`` over every run in ``runs`` (method -> rows), the host being the row's kernel build and
+    processor (``machine["platform"]``, ``machine["processor"]``: VMs of one kernel build have run on an AMD EPYC
+    and on an Intel Xeon). Equal-time runs on a faster host make more steps and read higher, so where the
     methods' seeds ran on the hosts in different shares the plain means carry the host's effect; within-host
     contrasts do not. Returns ``{"leads": {method: (SOP − method, its standard error)}, "dof", "sd" (the
     residual deviation), "hosts", "runs"}``; None where the runs span one host, SOP has no run, or the model has
@@ -427,7 +428,8 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     if "sop" not in runs:
         return None
     methods = ["sop", *(m for m in runs if m != "sop")]
-    flat = [(m, r["machine"].get("platform", ""), r["top1"]) for m in methods for r in runs[m]]
+    flat = [(m, (r["machine"].get("platform", ""), r["machine"].get("processor", "")), r["top1"])
+            for m in methods for r in runs[m]]  # fmt: skip
     hosts = sorted({h for _, h, _ in flat})
     if len(hosts) < 2:
         return None
@@ -488,8 +490,8 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
         leads = ", ".join(f"− {METHODS[m]} {adjusted['leads'][m][0]:+.2f} ± {adjusted['leads'][m][1]:.2f}"
                           for m in METHODS if m in adjusted["leads"])  # fmt: skip
         lines += ["", f"Host-adjusted (the {adjusted['runs']} runs span {adjusted['hosts']} hosts, told apart by "
-                  "their kernel build: least squares of top-1 = method + host, so each lead is measured within "
-                  "hosts; residual deviation "
+                  "their kernel build and processor: least squares of top-1 = method + host, so each lead is "
+                  "measured within hosts; residual deviation "
                   f"{adjusted['sd']:.2f} with {adjusted['dof']} degrees of freedom): SOP {leads}."]  # fmt: skip
     return lines
 

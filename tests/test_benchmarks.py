@@ -392,6 +392,17 @@ def test_host_adjusted_leads_hold_the_host_fixed():
     assert quality.host_adjusted({"sop": [run(1.0, "a"), run(2.0, "a")], "dino": [run(1.0, "a")]}) is None
     assert quality.host_adjusted({"sop": [run(1.0, "a"), run(2.0, "a")], "dino": [run(1.0, "b")] * 3}) is None
 
+    # one kernel build on two processors is two hosts: the adjusted lead removes the processor's effect too
+    def on(top1: float, processor: str) -> dict:
+        return {"top1": top1, "machine": {"platform": "same-kernel", "processor": processor}}
+
+    runs = {"sop": [on(87.0, "AMD"), on(87.0, "AMD"), on(86.5, "Intel")],
+            "dino": [on(86.8, "AMD"), on(86.8, "AMD"), on(86.3, "Intel"), on(86.3, "Intel")]}  # fmt: skip
+    plain = sum(r["top1"] for r in runs["sop"]) / 3 - sum(r["top1"] for r in runs["dino"]) / 4
+    assert abs(plain - 0.2) > 0.05  # the Intel runs' share differs between the methods
+    out = quality.host_adjusted(runs)
+    assert out["hosts"] == 2 and abs(out["leads"]["dino"][0] - 0.2) < 1e-9 and out["leads"]["dino"][1] < 1e-6
+
 
 def test_quality_report_shows_the_launcher_of_rows_run_together(tmp_path):
     """Rows started together by one launcher (``--launcher``, as ``benchmarks/quality_gpu.sh`` passes it) are
