@@ -422,9 +422,9 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     and on an Intel Xeon). Equal-time runs on a faster host make more steps and read higher, so where the
     methods' seeds ran on the hosts in different shares the plain means carry the host's effect; within-host
     contrasts do not. Returns ``{"leads": {method: (SOP − method, its standard error)}, "dof", "sd" (the
-    residual deviation), "hosts", "runs"}``; None where the runs span one host, SOP has no run, or the model has
-    no residual degree of freedom or cannot tell method from host (a rank-deficient design: a method whose runs
-    all ran on a host no other method used)."""
+    residual deviation), "hosts", "runs", "shares" ({host_label: its number of runs})}``; None where the runs
+    span one host, SOP has no run, or the model has no residual degree of freedom or cannot tell method from host
+    (a rank-deficient design: a method whose runs all ran on a host no other method used)."""
     if "sop" not in runs:
         return None
     methods = ["sop", *(m for m in runs if m != "sop")]
@@ -443,7 +443,16 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     beta = inverse @ x.T @ y
     variance = float(((y - x @ beta) ** 2).sum()) / (n - p)
     leads = {m: (-float(beta[i]), math.sqrt(variance * float(inverse[i, i]))) for i, m in enumerate(methods[1:], 1)}
-    return {"leads": leads, "dof": n - p, "sd": math.sqrt(variance), "hosts": len(hosts), "runs": n}
+    shares = {host_label(*h): sum(hh == h for _, hh, _ in flat) for h in hosts}
+    return {"leads": leads, "dof": n - p, "sd": math.sqrt(variance), "hosts": len(hosts), "runs": n,
+            "shares": shares}  # fmt: skip
+
+
+def host_label(platform: str, processor: str) -> str:
+    """A host as the report names it: its processor and kernel release (``platform`` less the OS name and the
+    architecture and libc tails), e.g. ``"AMD EPYC, 6.18.44-fc-v1098"``."""
+    kernel = re.sub(r"^Linux-|-(x86_64|aarch64|arm64).*$|-with-.*$", "", platform)
+    return ", ".join(part for part in (processor, kernel) if part) or "host not recorded"
 
 
 def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
@@ -489,9 +498,10 @@ def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
     if adjusted:
         leads = ", ".join(f"− {METHODS[m]} {adjusted['leads'][m][0]:+.2f} ± {adjusted['leads'][m][1]:.2f}"
                           for m in METHODS if m in adjusted["leads"])  # fmt: skip
-        lines += ["", f"Host-adjusted (the {adjusted['runs']} runs span {adjusted['hosts']} hosts, told apart by "
-                  "their kernel build and processor: least squares of top-1 = method + host, so each lead is "
-                  "measured within hosts; residual deviation "
+        shares = "; ".join(f"{n} on {host}" for host, n in adjusted["shares"].items())
+        lines += ["", f"Host-adjusted (the {adjusted['runs']} runs span {adjusted['hosts']} hosts: {shares}; told "
+                  "apart by their kernel build and processor: least squares of top-1 = method + host, so each lead "
+                  "is measured within hosts; residual deviation "
                   f"{adjusted['sd']:.2f} with {adjusted['dof']} degrees of freedom): SOP {leads}."]  # fmt: skip
     return lines
 

@@ -386,7 +386,7 @@ def test_host_adjusted_leads_hold_the_host_fixed():
     rows = [row(m, i, v, h) for (m, h), vs in cells.items() for i, v in enumerate(vs, 2 * (h == "b"))]
     rows.append(row("pixels", 0, 84.6, "c"))  # a baseline row, measured once on another host, stays out
     lines = quality.seed_table(rows, [r for r in rows if r["seed"] == 0])
-    assert lines[-1].startswith("Host-adjusted (the 8 runs span 2 hosts")
+    assert lines[-1].startswith("Host-adjusted (the 8 runs span 2 hosts: 4 on a; 4 on b; told apart")
     assert lines[-1].endswith(f"5 degrees of freedom): SOP − DINO {lead:+.2f} ± {se:.2f}.")
     # one host, or a method seen on a host no other method ran on: nothing to adjust, or no way to
     assert quality.host_adjusted({"sop": [run(1.0, "a"), run(2.0, "a")], "dino": [run(1.0, "a")]}) is None
@@ -402,6 +402,9 @@ def test_host_adjusted_leads_hold_the_host_fixed():
     assert abs(plain - 0.2) > 0.05  # the Intel runs' share differs between the methods
     out = quality.host_adjusted(runs)
     assert out["hosts"] == 2 and abs(out["leads"]["dino"][0] - 0.2) < 1e-9 and out["leads"]["dino"][1] < 1e-6
+    assert out["shares"] == {"AMD, same-kernel": 4, "Intel, same-kernel": 3}  # the report names each host's runs
+    platform = "Linux-6.18.44-fc-v1098-x86_64-with-glibc2.36"
+    assert quality.host_label(platform, "AMD EPYC") == "AMD EPYC, 6.18.44-fc-v1098"
 
 
 def test_quality_report_shows_the_launcher_of_rows_run_together(tmp_path):
