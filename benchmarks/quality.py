@@ -50,6 +50,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -443,16 +444,18 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     beta = inverse @ x.T @ y
     variance = float(((y - x @ beta) ** 2).sum()) / (n - p)
     leads = {m: (-float(beta[i]), math.sqrt(variance * float(inverse[i, i]))) for i, m in enumerate(methods[1:], 1)}
-    shares = {host_label(*h): sum(hh == h for _, hh, _ in flat) for h in hosts}
+    runs_on = Counter(h for _, h, _ in flat)
+    shares = {host_label(*h): runs_on[h] for h in hosts}
     return {"leads": leads, "dof": n - p, "sd": math.sqrt(variance), "hosts": len(hosts), "runs": n,
             "shares": shares}  # fmt: skip
 
 
-def host_label(platform: str, processor: str) -> str:
-    """A host as the report names it: its processor and kernel release (``platform`` less the OS name and the
-    architecture and libc tails), e.g. ``"AMD EPYC, 6.18.44-fc-v1098"``."""
-    kernel = re.sub(r"^Linux-|-(x86_64|aarch64|arm64).*$|-with-.*$", "", platform)
-    return ", ".join(part for part in (processor, kernel) if part) or "host not recorded"
+def host_label(platform_name: str, processor_name: str) -> str:
+    """A host as the report names it: its processor and kernel release (``platform_name``, the row's
+    ``machine["platform"]``, less the OS name and the architecture and libc tails), e.g. ``"AMD EPYC,
+    6.18.44-fc-v1098"``. (Not ``platform``/``processor``: those name this module's import and helper.)"""
+    kernel = re.sub(r"^Linux-|-(x86_64|aarch64|arm64).*$|-with-.*$", "", platform_name)
+    return ", ".join(part for part in (processor_name, kernel) if part) or "host not recorded"
 
 
 def seed_table(rows: list[dict], mains: list[dict], tag: str = "") -> list[str]:
