@@ -450,6 +450,11 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
             "shares": shares}  # fmt: skip
 
 
+def host_of(row: dict) -> str:
+    """The host a result row ran on, as :func:`host_label` names it."""
+    return host_label(row["machine"].get("platform", ""), row["machine"].get("processor", ""))
+
+
 def host_label(platform_name: str, processor_name: str) -> str:
     """A host as the report names it: its processor and kernel release (``platform_name``, the row's
     ``machine["platform"]``, less the OS name and the architecture and libc tails), e.g. ``"AMD EPYC,
@@ -577,7 +582,20 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         isa = where.get("cpu_capability", "") + (", AMX" if where.get("cpu_amx") else "")
         isa = f" ({isa})" if isa and where["device"] == "cpu" else ""
         lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "
-                  f"torch {where['torch']}, {where['platform']}", "",
+                  f"torch {where['torch']}, {where['platform']}", ""]  # fmt: skip
+        # the main rows, their seeds and the longer budgets: one vector ISA, maybe several hosts; name them, so
+        # that the heading (the main rows' host) is not read as every run's
+        extra = re.compile(r"seed\d+|budget\d+(seed\d+)?")
+        shown = [r for r in group if r["method"] in METHODS] + [
+            r for r in rows if r["method"] in METHODS and machine_tag(r["machine"]) == device
+            and extra.fullmatch(str(r.get("tag")))]  # fmt: skip
+        hosts = Counter(host_of(r) for r in shown)
+        if len(hosts) > 1:
+            where_ran = "; ".join(f"{n} on {h}" for h, n in sorted(hosts.items()))
+            lines += [f"The {len(shown)} runs under this heading ran on {len(hosts)} hosts with this vector ISA "
+                      f"({where_ran}); the heading names the host of the first table's rows, each seed table's "
+                      "Host-adjusted line where its runs ran.", ""]  # fmt: skip
+        lines += [
                   "| method | k-NN top-1 | top-5 | student top-1 | steps | images/s | training time | "
                   "wall time (incl. eval) | measured |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -212,7 +212,8 @@ def test_paired_difference_against_scipy():
 
 def test_quality_report_names_the_processor_the_rows_ran_on(tmp_path):
     """A table's heading names the processor recorded with its rows; rows that did not record one read 'processor
-    not recorded', never the name of the machine the report runs on."""
+    not recorded', never the name of the machine the report runs on. Where the runs under one heading (one vector
+    ISA) ran on several hosts, a line under it counts the runs of each."""
     quality = _load_quality()
     results, docs = tmp_path / "results", tmp_path / "docs"
     results.mkdir()
@@ -232,6 +233,31 @@ def test_quality_report_names_the_processor_the_rows_ran_on(tmp_path):
     headings = [line for line in (docs / "benchmarks.md").read_text().splitlines() if line.startswith("### ")]
     assert sorted(headings) == ["### CPU: Chip X (AVX2), 2 cores, torch 2.x, Linux-test",
                                 "### CPU: processor not recorded (AVX512), 2 cores, torch 2.x, Linux-test"]  # fmt: skip
+
+    # a heading stands for one vector ISA; where its runs (main, seeds, longer budgets) came from several hosts,
+    # the line under it counts each host's runs, so the heading's host is not read as every run's
+    for path in results.glob("*.json"):
+        path.unlink()
+    amd, intel = ("AMD", "Linux-6.1-v1-x86_64-with-glibc"), ("Intel", "Linux-6.1-v2-x86_64-with-glibc")
+    # the last, an ablation's tag, is neither shown nor counted
+    runs = [("sop", "main", amd), ("dino", "main", amd), ("sop", "seed1", intel), ("sop", "budget45", intel),
+            ("dino", "budget45", amd), ("sop", "k512", intel)]  # fmt: skip
+    for i, (method, tag, (processor, platform)) in enumerate(runs):
+        r = row(method, processor, "AVX512")
+        r["machine"]["platform"], r["tag"], r["seed"] = platform, tag, int(tag.partition("seed")[2] or 0)
+        (results / f"quality_{i}.json").write_text(json.dumps(r))
+    quality.report(results, docs)
+    text = (docs / "benchmarks.md").read_text()
+    assert ("The 5 runs under this heading ran on 2 hosts with this vector ISA (3 on AMD, 6.1-v1; 2 on Intel, "
+            "6.1-v2); the heading names the host of the first table's rows") in text  # fmt: skip
+    for i, (method, _, (processor, platform)) in enumerate(runs[:2]):  # one host: no such line
+        r = row(method, processor, "AVX512")
+        r["machine"]["platform"] = platform
+        (results / f"quality_{i}.json").write_text(json.dumps(r))
+    for i in range(2, len(runs)):
+        (results / f"quality_{i}.json").unlink()
+    quality.report(results, docs)
+    assert "runs under this heading" not in (docs / "benchmarks.md").read_text()
 
 
 def test_quality_rows_name_the_device_they_ran_on():
