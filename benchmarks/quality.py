@@ -429,8 +429,7 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
     if "sop" not in runs:
         return None
     methods = ["sop", *(m for m in runs if m != "sop")]
-    flat = [(m, (r["machine"].get("platform", ""), r["machine"].get("processor", "")), r["top1"])
-            for m in methods for r in runs[m]]  # fmt: skip
+    flat = [(m, host_key(r), r["top1"]) for m in methods for r in runs[m]]
     hosts = sorted({h for _, h, _ in flat})
     if len(hosts) < 2:
         return None
@@ -450,9 +449,10 @@ def host_adjusted(runs: dict[str, list[dict]]) -> dict | None:
             "shares": shares}  # fmt: skip
 
 
-def host_of(row: dict) -> str:
-    """The host a result row ran on, as :func:`host_label` names it."""
-    return host_label(row["machine"].get("platform", ""), row["machine"].get("processor", ""))
+def host_key(row: dict) -> tuple[str, str]:
+    """The host a result row ran on: its kernel build and processor (``machine["platform"]``,
+    ``machine["processor"]``; empty where not recorded); :func:`host_label` names it."""
+    return row["machine"].get("platform", ""), row["machine"].get("processor", "")
 
 
 def host_label(platform_name: str, processor_name: str) -> str:
@@ -583,13 +583,15 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
         isa = f" ({isa})" if isa and where["device"] == "cpu" else ""
         lines += [f"### {device.split('_')[0].upper()}: {chip}{isa}, {where['cpu_count']} cores, "
                   f"torch {where['torch']}, {where['platform']}", ""]  # fmt: skip
-        # the main rows, their seeds and the longer budgets: one vector ISA, maybe several hosts; name them, so
-        # that the heading (the main rows' host) is not read as every run's
-        extra = re.compile(r"seed\d+|budget\d+(seed\d+)?")
-        shown = [r for r in group if r["method"] in METHODS] + [
-            r for r in rows if r["method"] in METHODS and machine_tag(r["machine"]) == device
-            and extra.fullmatch(str(r.get("tag")))]  # fmt: skip
-        hosts = Counter(host_of(r) for r in shown)
+        # the runs the tables below show (the rows, their seeds, the longer budgets and theirs): one vector ISA,
+        # maybe several hosts; name them, so that the heading (the main rows' host) is not read as every run's
+        mains = [r for r in group if r.get("tag", "main") == "main"]
+        longer = budget_tables(rows, device)
+        shown = [r for r in group if r["method"] in METHODS and r.get("tag", "main") != "main"]
+        shown += [s for m in mains if m["method"] in METHODS for s in seed_runs(rows, m)]
+        for tag, (_, firsts) in longer.items():
+            shown += [s for m in firsts for s in seed_runs(rows, m, rf"{tag}seed\d+")]
+        hosts = Counter(host_label(*host_key(r)) for r in shown)
         if len(hosts) > 1:
             where_ran = "; ".join(f"{n} on {h}" for h, n in sorted(hosts.items()))
             lines += [f"The {len(shown)} runs under this heading ran on {len(hosts)} hosts with this vector ISA "
@@ -612,13 +614,13 @@ def report(results: Path = RESULTS, docs: Path = DOCS) -> None:
                              f"{r['wall_seconds'] / 60:.1f} min | {r.get('date', '')} |")  # fmt: skip
         for note in dict.fromkeys(_note(r) for r in group if _note(r)):
             lines += ["", f"{mark[note]} Not yet re-run with the current demo recipe: {note}"]
-        seeds = seed_table(rows, [r for r in group if r.get("tag", "main") == "main"])
+        seeds = seed_table(rows, mains)
         lines += ["", *seeds] if seeds else []
-        commands = sorted({_command(r) for r in group if r.get("tag", "main") == "main"})
+        commands = sorted({_command(r) for r in mains})
         lines += ["", "Commands:", "", "```bash", *commands, "```", ""] if commands else [""]
-        for tag, (table, longer) in budget_tables(rows, device).items():  # their curves dashed in the plot
+        for tag, (table, firsts) in longer.items():  # their curves dashed in the plot
             lines += table
-            group += [{**r, "name": f"{r['name']} ({tag})"} for r in longer]
+            group += [{**r, "name": f"{r['name']} ({tag})"} for r in firsts]
         # against training time (the budget: each method's step cost counts) and against steps (what a step
         # buys, whatever the host's speed was that day)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
