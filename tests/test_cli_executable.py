@@ -73,12 +73,16 @@ def test_progress_bar_of_a_run_bounded_by_steps(fake_fmnist, tmp_path):
          "sop-lightning fit: error: base_lr must be > 0, got -1.0"),
         (["fit", "--trainer.max_stepz", "2"], "max_stepz", None),
         (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
+        # a checkpoint path that is not there: refused by name before the model is built, no traceback
+        (["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt",
+         "sop-lightning validate: error: ckpt_path 'missing.ckpt' does not exist (a checkpoint file or "
+         "distributed-checkpoint folder, or one of 'last', 'best')"),
     ],
-    ids=["bad-value", "unknown-argument", "missing-checkpoint"],
+    ids=["bad-value", "unknown-argument", "missing-checkpoint", "validate-missing-checkpoint"],
 )  # fmt: skip
 def test_failures_exit_nonzero_with_a_clear_message(fake_fmnist, tmp_path, args, message, one_line):
     cmd, rest = args[0], args[1:]
-    extra = _tiny(fake_fmnist, tmp_path) if cmd == "fit" else []
+    extra = _tiny(fake_fmnist, tmp_path) if cmd in ("fit", "validate") else []
     proc = _run(cmd, *extra, *rest, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]

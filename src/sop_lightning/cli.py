@@ -46,6 +46,7 @@ class SOPLightningCLI(LightningCLI):
         parser.link_arguments("data.patch_size", "model.init_args.patch_size", apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
+        self._check_ckpt_path()  # before the model and data are built: a typo costs nothing
         # jsonargparse buries a constructor's ValueError under a "Union subtypes" report: surface it alone
         try:
             super().instantiate_classes()
@@ -54,6 +55,19 @@ class SOPLightningCLI(LightningCLI):
             if cause is None:
                 raise
             raise ConfigError(str(cause)) from cause
+
+    def _check_ckpt_path(self) -> None:
+        """A local ``--ckpt_path`` that does not exist is a :class:`ConfigError`, not Lightning's traceback
+        after the model is built; Lightning's keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote
+        URLs pass through. A distributed checkpoint (FSDP2) is a folder, so any existing path is accepted."""
+        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
+        if ckpt is None or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
+            return
+        if not Path(ckpt).exists():
+            raise ConfigError(
+                f"ckpt_path {str(ckpt)!r} does not exist (a checkpoint file or distributed-checkpoint folder, "
+                "or one of 'last', 'best')"
+            )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # the default rich progress bar gives way to --trainer.enable_progress_bar false (a batch job's log)
