@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_fake_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 #: quality.py overrides of a SOP small enough for a test: a tiny ViT, banks and anchors, batches of 4
@@ -145,19 +146,56 @@ def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
     return proc.stdout
 
 
-def test_data_pipeline_benchmark_smoke(fake_fmnist, tmp_path):
-    out = _run([str(ROOT / "benchmarks" / "data_pipeline.py"), "--root", str(fake_fmnist), "--batch", "4",
-                "--batches", "2", "--warmup", "1", "--rounds", "1", "--workers", "0", "--images", "12",
-                "--image-size", "240", "230", "--workdir", str(tmp_path)], tmp_path)  # fmt: skip
+def _smoke_args(root: Path, workdir: Path) -> dict[str, list[str]]:
+    """The single-process benchmark scripts, each for a moment."""
+    bench = ROOT / "benchmarks"
+    return {
+        "data_pipeline": [str(bench / "data_pipeline.py"), "--root", str(root), "--batch", "4", "--batches", "2",
+                          "--warmup", "1", "--rounds", "1", "--workers", "0", "--images", "12", "--image-size",
+                          "240", "230", "--workdir", str(workdir / "data_pipeline")],
+        "throughput": [str(bench / "throughput.py"), "--root", str(root), "--batch", "4", "--steps", "4", "--warmup",
+                       "1", "--rounds", "1", "--workers", "0", "--profile", "2"],
+        "sop_loss": [str(bench / "sop_loss.py"), "--repeats", "1", "--batch", "2", "--memory-size", "512",
+                     "--anchors", "32", "--patch-memory-size", "128", "--patch-anchors", "8"],
+        "knn": [str(bench / "knn.py"), "--train", "300", "--test", "50", "--dim", "16", "--classes", "5",
+                "--repeats", "1"],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> tuple[dict[str, subprocess.Popen], Path]:
+    """Every script of :func:`_smoke_args`, started side by side (they run on one thread each)."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    root = write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, args in _smoke_args(root, workdir).items():
+        (workdir / name).mkdir()
+        procs[name] = subprocess.Popen([sys.executable, *args], cwd=workdir / name, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)  # fmt: skip
+    yield procs, workdir
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _smoke_output(smoke_runs, name: str) -> str:
+    procs, _ = smoke_runs
+    stdout, stderr = procs[name].communicate(timeout=300)
+    assert procs[name].returncode == 0, stderr[-4000:]
+    return stdout
+
+
+def test_data_pipeline_benchmark_smoke(smoke_runs):
+    out = _smoke_output(smoke_runs, "data_pipeline")
     lines = [line for line in out.splitlines() if "library / bare" in line]
     assert len(lines) == 2 and lines[0].startswith("demo (2x28 + ") and lines[1].startswith("imagenet (2x224")
-    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 12
+    assert len(list((smoke_runs[1] / "data_pipeline" / "jpegs").glob("*.jpg"))) == 12
 
 
-def test_throughput_benchmark_smoke(fake_fmnist, tmp_path):
-    out = _run([str(ROOT / "benchmarks" / "throughput.py"), "--root", str(fake_fmnist), "--batch", "4",
-                "--steps", "4", "--warmup", "1", "--rounds", "1", "--workers", "0", "--profile", "2"],
-               tmp_path)  # fmt: skip
+def test_throughput_benchmark_smoke(smoke_runs):
+    out = _smoke_output(smoke_runs, "throughput")
     for name in ("library dino", "library sop", "bare dino"):  # the profiled extra run of each
         assert re.search(rf"profile {name}: [\d.]+ ms of device kernels a step, .* [\d.]+ aten calls", out), out
     assert "calls a step, library sop - bare dino:" in out and "host ms a step, library dino - bare dino:" in out
@@ -167,15 +205,13 @@ def test_throughput_benchmark_smoke(fake_fmnist, tmp_path):
         assert f"{mode}: library DINO / lightly DINO = " in out and f"{mode}: SOP step / iBOT step = " in out
 
 
-def test_sop_loss_benchmark_smoke(tmp_path):
-    out = _run([str(ROOT / "benchmarks" / "sop_loss.py"), "--repeats", "1", "--batch", "2", "--memory-size", "512",
-                "--anchors", "32", "--patch-memory-size", "128", "--patch-anchors", "8"], tmp_path)  # fmt: skip
+def test_sop_loss_benchmark_smoke(smoke_runs):
+    out = _smoke_output(smoke_runs, "sop_loss")
     assert "losses / floor" in out and "distinct [CLS] supports" in out and "bfloat16 search mm" in out
 
 
-def test_knn_benchmark_smoke(tmp_path):
-    out = _run([str(ROOT / "benchmarks" / "knn.py"), "--train", "300", "--test", "50", "--dim", "16", "--classes",
-                "5", "--repeats", "1"], tmp_path)  # fmt: skip
+def test_knn_benchmark_smoke(smoke_runs):
+    out = _smoke_output(smoke_runs, "knn")
     assert "knn_classify[auto]" in out and "agree on the first" in out and "True" in out
 
 

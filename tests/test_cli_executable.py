@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_fake_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 SOP_DEMO = ROOT / "experiments" / "demo" / "sop.yaml"
@@ -65,31 +66,50 @@ def test_progress_bar_of_a_run_bounded_by_steps(fake_fmnist, tmp_path):
     assert bars and all(line.split()[1] in ("0", "1") for line in bars), bars  # 5 steps an epoch: epochs 0 and 1
 
 
-@pytest.mark.parametrize(
-    "args, message, one_line",
-    [
-        # a bad value: status 2 and this one line naming it, not jsonargparse's Union report
-        (["fit", "--model.init_args.base_lr", "-1"], "base_lr must be > 0, got -1",
-         "sop-lightning fit: error: base_lr must be > 0, got -1.0"),
-        (["fit", "--trainer.max_stepz", "2"], "max_stepz", None),
-        (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
-        # a checkpoint path that is not there: refused by name before the model is built, no traceback
-        (["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt",
-         "sop-lightning validate: error: ckpt_path 'missing.ckpt' does not exist (a checkpoint file or "
-         "distributed-checkpoint folder, or one of 'last', 'best')"),
-    ],
-    ids=["bad-value", "unknown-argument", "missing-checkpoint", "validate-missing-checkpoint"],
-)  # fmt: skip
-def test_failures_exit_nonzero_with_a_clear_message(fake_fmnist, tmp_path, args, message, one_line):
-    cmd, rest = args[0], args[1:]
-    extra = _tiny(fake_fmnist, tmp_path) if cmd in ("fit", "validate") else []
-    proc = _run(cmd, *extra, *rest, cwd=tmp_path)
+FAILURES = {
+    # a bad value: status 2 and this one line naming it, not jsonargparse's Union report
+    "bad-value": (["fit", "--model.init_args.base_lr", "-1"], "base_lr must be > 0, got -1",
+                  "sop-lightning fit: error: base_lr must be > 0, got -1.0"),
+    "unknown-argument": (["fit", "--trainer.max_stepz", "2"], "max_stepz", None),
+    "missing-checkpoint": (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
+    # a checkpoint path that is not there: refused by name before the model is built, no traceback
+    "validate-missing-checkpoint": (
+        ["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt",
+        "sop-lightning validate: error: ckpt_path 'missing.ckpt' does not exist (a checkpoint file or "
+        "distributed-checkpoint folder, or one of 'last', 'best')"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory) -> dict[str, subprocess.Popen]:
+    """Every case of :data:`FAILURES`, started side by side (most of each run is the process's start-up)."""
+    tmp_path = tmp_path_factory.mktemp("failures")
+    root = write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for case, (args, _, _) in FAILURES.items():
+        cmd, rest = args[0], args[1:]
+        extra = _tiny(root, tmp_path / case) if cmd in ("fit", "validate") else []
+        procs[case] = subprocess.Popen([_executable(), cmd, *extra, *rest], cwd=tmp_path, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_failures_exit_nonzero_with_a_clear_message(failed_runs, case):
+    _, message, one_line = FAILURES[case]
+    proc = failed_runs[case]
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-3000:]
+    assert message in stderr, stderr[-3000:]
     if one_line is not None:
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1] == one_line, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr and "Union" not in proc.stderr, proc.stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == one_line, stderr[-3000:]
+        assert "Traceback" not in stderr and "Union" not in stderr, stderr[-3000:]
 
 
 def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):

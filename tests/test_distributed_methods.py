@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_fake_fmnist
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -91,13 +92,32 @@ def fit(method: str, root: Path, out: Path, *extra: str, timeout: int = 240) -> 
     return finish(start(method, root, out, *extra), timeout)
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> dict[str, tuple[Path, list[subprocess.Popen]]]:
+    """For every method, 1 process x batch 8 and ``ddp_spawn`` 2 ranks x batch 4, all started side by side
+    (most of a tiny fit is its processes' start-up)."""
+    root = write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+    steps = ["--trainer.max_steps", "3", "--trainer.max_epochs", "1"]
+    runs = {}
+    for method in METHODS:
+        out = tmp_path_factory.mktemp(method)
+        runs[method] = out, [
+            start(method, root, out / "one", "--data.init_args.batch_size", "8", *steps),
+            start(method, root, out / "two", "--data.init_args.batch_size", "4", *steps,
+                  "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"),
+        ]  # fmt: skip
+    yield runs
+    for _, procs in runs.values():
+        for proc in procs:
+            if proc.poll() is None:
+                _kill(proc)
+
+
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_ranks_match_one_process_on_the_same_global_batch(method, fake_fmnist, tmp_path):
-    steps = ["--trainer.max_steps", "3", "--trainer.max_epochs", "1"]
-    finish_all(start(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps),
-               start(method, fake_fmnist, tmp_path / "two", "--data.init_args.batch_size", "4", *steps,
-                     "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"))  # fmt: skip
+def test_two_ranks_match_one_process_on_the_same_global_batch(method, two_rank_runs):
+    tmp_path, procs = two_rank_runs[method]
+    finish_all(*procs)
     one = torch.load(tmp_path / "one" / "rank0.pt")
     r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
     assert one["step"] == r0["step"] == r1["step"] == 2  # 20 images // (8 per global batch): 2 steps per epoch
