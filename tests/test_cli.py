@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,26 @@ def test_only_value_errors_raised_by_the_library_are_reported_as_config_errors()
     with pytest.raises(ValueError) as ours:
         SOP(num_anchors=1)
     assert _library_value_error(ours.value) is ours.value
+
+
+def test_a_resume_names_the_model_values_the_checkpoint_replaces(fake_fmnist, tmp_path):
+    """LightningCLI rebuilds the model of ``--ckpt_path`` from the checkpoint's hyperparameters; a value the
+    user changed for the resume is not used, and the warning says which, with both values."""
+    tiny = ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
+            "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "4", "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1",
+            "--model.init_args.num_heads", "2", "--model.init_args.hidden_dim", "32",
+            "--model.init_args.num_prototypes", "16", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    build_cli(["fit", *tiny, "--trainer.max_steps", "2"])
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.warns(UserWarning, match=r"--ckpt_path: .*: base_lr=0\.1 \(checkpoint: 0\.001\)\. ") as record:
+        cli = build_cli(["fit", *tiny, "--trainer.max_steps", "3", "--model.init_args.base_lr", "0.1",
+                         "--ckpt_path", ckpt])  # fmt: skip
+    assert cli.model.hparams.base_lr == 0.001 and cli.trainer.global_step == 3  # the checkpoint's, resumed
+    named = [str(w.message) for w in record if str(w.message).startswith("--ckpt_path:")]
+    assert len(named) == 1 and "img_size" not in named[0]  # linked from the data module: not the user's
+    with warnings.catch_warnings(record=True) as record:  # the same values: nothing to say
+        warnings.simplefilter("always")
+        build_cli(["validate", *tiny, "--ckpt_path", ckpt])
+    assert not [w for w in record if str(w.message).startswith("--ckpt_path:")]

@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["ConfigError", "SOPLightningCLI", "build_cli", "main"]
 
@@ -41,9 +44,50 @@ class SOPLightningCLI(LightningCLI):
     """Method and data module chosen by ``class_path``; the data module's image facts (global crop
     size, patch size) are linked into the method so the ViT and the masks always agree."""
 
+    #: model arguments set from the data module's (``data.<source>`` -> ``model.init_args.<target>``)
+    LINKED = {"global_size": "img_size", "patch_size": "patch_size"}
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.global_size", "model.init_args.img_size", apply_on="instantiate")
-        parser.link_arguments("data.patch_size", "model.init_args.patch_size", apply_on="instantiate")
+        for source, target in self.LINKED.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._given_model = self._model_config()  # before LightningCLI applies a checkpoint's hyperparameters
+
+    def before_instantiate_classes(self) -> None:
+        self._warn_replaced_model_arguments()
+
+    def _model_config(self) -> dict[str, Any] | None:
+        """The subcommand's ``model`` config as a plain dict (``class_path``, ``init_args``), or None."""
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        return model.clone().as_dict() if isinstance(model, Namespace) else None
+
+    def _warn_replaced_model_arguments(self) -> None:
+        """``--ckpt_path`` of a checkpoint file: LightningCLI rebuilds the model from the checkpoint's
+        hyperparameters, silently replacing what the config and command line gave. Name each replaced value,
+        so a resume with, say, another ``base_lr`` does not pass for one."""
+        given, used = getattr(self, "_given_model", None), self._model_config()
+        if not given or not used or given == used:
+            return
+        if given.get("class_path") != used.get("class_path"):
+            replaced = [f"the method {given.get('class_path')} (checkpoint: {used.get('class_path')})"]
+        else:
+            args, ckpt = given.get("init_args") or {}, used.get("init_args") or {}
+            linked = set(self.LINKED.values())  # set from the data module when the model is built
+            replaced = [
+                f"{k}={args[k]!r} (checkpoint: {ckpt[k]!r})"
+                for k in args
+                if k in ckpt and args[k] != ckpt[k] and k not in linked
+            ]
+        if replaced:
+            rank_zero_warn(
+                "--ckpt_path: the model is rebuilt with the checkpoint's hyperparameters, as Lightning resumes, so "
+                f"these values of the config and command line are not used: {', '.join(replaced)}. To use other "
+                "values, start a new run without --ckpt_path.",
+                category=UserWarning,
+            )
 
     def instantiate_classes(self) -> None:
         self._check_ckpt_path()  # before the model and data are built: a typo costs nothing
