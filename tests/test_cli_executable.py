@@ -71,6 +71,12 @@ FAILURES = {
     "bad-value": (["fit", "--model.init_args.base_lr", "-1"], "base_lr must be > 0, got -1",
                   "sop-lightning fit: error: base_lr must be > 0, got -1.0"),
     "unknown-argument": (["fit", "--trainer.max_stepz", "2"], "max_stepz", None),
+    # a data folder that is not there: refused by name when the data module is built, no traceback
+    "missing-data-root": (["fit", "--data.init_args.root", "nowhere"], "root='nowhere' is not a folder",
+                          "sop-lightning fit: error: root='nowhere' is not a folder: dataset='fashion_mnist' reads the "
+                          "Fashion-MNIST IDX files from it. Install the demo data with `sudo apt-get install "
+                          "dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), or pass root= a folder "
+                          "holding the IDX files"),
     "missing-checkpoint": (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
     # a checkpoint path that is not there: refused by name before the model is built, no traceback
     "validate-missing-checkpoint": (

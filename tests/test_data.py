@@ -9,6 +9,7 @@ from PIL import Image
 from sop_lightning.data import (
     FashionMNIST,
     ImageFolderDataset,
+    LabelledDataModule,
     MultiCropBatch,
     MultiCropTransform,
     SSLDataModule,
@@ -101,7 +102,17 @@ def test_datamodule_errors(tmp_path):
     with pytest.raises(ValueError, match="contains no images"):
         dm.setup("fit")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        SSLDataModule(root=str(tmp_path)).setup("fit")
+        SSLDataModule(root=str(tmp_path)).setup("fit")  # a folder without the IDX files: when the data is read
+    # a folder that is not there: at construction, naming the argument (the CLI's one-line error, status 2)
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=rf"root='{missing}' is not a folder: dataset='fashion_mnist' reads"):
+        SSLDataModule(root=missing)
+    with pytest.raises(ValueError, match=rf"knn_val_dataset='{missing}' is not a folder"):
+        SSLDataModule(dataset=str(tmp_path / "empty"), knn_val_dataset=missing)
+    with pytest.raises(ValueError, match=rf"root='{missing}' is not a folder: val_dataset='fashion_mnist'"):
+        LabelledDataModule(dataset=str(tmp_path / "empty"), val_dataset="fashion_mnist", root=missing)
+    with pytest.raises(ValueError, match=rf"dataset='{missing}' is not a folder"):
+        LabelledDataModule(dataset=missing)
 
 
 def test_any_torchvision_style_dataset():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -108,6 +109,25 @@ def resolve_dataset(
     if n == 0:
         raise ValueError(f"{name}={type(source).__name__} is empty: it has no images")
     return source
+
+
+def check_sources(root: str, **sources: str | Dataset | None) -> None:
+    """Refuse at construction, before any training, a source that names no folder: ``"fashion_mnist"`` needs
+    ``root`` to be a folder (of the IDX files), another string is an image folder. The error names the
+    argument and its value; files inside the folders are checked when the data sets are built."""
+    for name, source in sources.items():
+        if source == "fashion_mnist":
+            if not Path(root).is_dir():
+                raise ValueError(
+                    f"root={str(root)!r} is not a folder: {name}='fashion_mnist' reads the Fashion-MNIST IDX files "
+                    "from it. Install the demo data with `sudo apt-get install dataset-fashion-mnist` (files in "
+                    f"{DEFAULT_FASHION_MNIST_ROOT}), or pass root= a folder holding the IDX files"
+                )
+        elif isinstance(source, str) and not Path(source).is_dir():
+            raise ValueError(
+                f"{name}={source!r} is not a folder: a string names an image folder (class sub-folders or a flat "
+                "folder of images), or 'fashion_mnist'"
+            )
 
 
 def _image_side(image) -> int | None:
@@ -271,6 +291,7 @@ class SSLDataModule(L.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.dataset, self.root = dataset, root or DEFAULT_FASHION_MNIST_ROOT
+        check_sources(self.root, dataset=dataset, knn_train_dataset=knn_train_dataset, knn_val_dataset=knn_val_dataset)
         self.knn_train_dataset, self.knn_val_dataset = knn_train_dataset, knn_val_dataset
         self.batch_size, self.num_workers = batch_size, num_workers
         self.global_size, self.patch_size = global_size, patch_size
@@ -473,6 +494,7 @@ class LabelledDataModule(L.LightningDataModule):
         if global_size % patch_size:
             raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
         self.dataset, self.val_dataset, self.root = dataset, val_dataset, root or DEFAULT_FASHION_MNIST_ROOT
+        check_sources(self.root, dataset=dataset, val_dataset=val_dataset)
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         self.on_bad_image = on_bad_image
