@@ -106,3 +106,28 @@ def test_a_resume_names_the_model_values_the_checkpoint_replaces(fake_fmnist, tm
         warnings.simplefilter("always")
         build_cli(["validate", *tiny, "--ckpt_path", ckpt])
     assert not [w for w in record if str(w.message).startswith("--ckpt_path:")]
+
+
+def test_fit_ckpt_path_last_continues_the_newest_version(fake_fmnist, tmp_path, monkeypatch):
+    """``fit --ckpt_path last`` under the configs' versioned TensorBoard folders: the first run starts afresh,
+    the next one resumes the first's ``version_0/checkpoints/last.ckpt`` and logs on in ``version_0``
+    (Lightning alone would look in a new, empty ``version_1`` and train from scratch)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
+            "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "4", "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1",
+            "--model.init_args.num_heads", "2", "--model.init_args.hidden_dim", "32",
+            "--model.init_args.num_prototypes", "16", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "runs",
+            "--ckpt_path", "last"]  # fmt: skip
+    first = build_cli(["fit", *tiny, "--trainer.max_steps", "2"])
+    assert first.trainer.ckpt_path is None and first.trainer.global_step == 2
+    last = tmp_path / "runs" / "dino" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    with pytest.warns(UserWarning, match=r"--ckpt_path: .*: base_lr=0\.1 \(checkpoint: 0\.001\)\. "):
+        again = build_cli(["fit", *tiny, "--trainer.max_steps", "4", "--model.init_args.base_lr", "0.1"])
+    assert again.model.hparams.base_lr == 0.001  # as for the checkpoint's own path: its hyperparameters
+    assert again.trainer.ckpt_path is not None and Path(again.trainer.ckpt_path).resolve() == last.resolve()
+    assert again.trainer.global_step == 4 and again.trainer.logger.version == "version_0"
+    assert sorted(p.name for p in (tmp_path / "runs" / "dino").iterdir()) == ["version_0"]
+    assert len(list((tmp_path / "runs" / "dino" / "version_0").glob("events.out.tfevents.*"))) == 2

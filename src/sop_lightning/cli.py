@@ -17,7 +17,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = ["ConfigError", "SOPLightningCLI", "build_cli", "main"]
 
@@ -53,10 +53,35 @@ class SOPLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        self._continue_the_last_run()
         self._given_model = self._model_config()  # before LightningCLI applies a checkpoint's hyperparameters
 
     def before_instantiate_classes(self) -> None:
         self._warn_replaced_model_arguments()
+
+    def _continue_the_last_run(self) -> None:
+        """``fit --ckpt_path last`` with a versioned logger (the configs' TensorBoard ``save_dir``/``name``):
+        Lightning looks for ``last.ckpt`` in the *new* run's ``version_N/checkpoints`` only, finds none and
+        trains from scratch. Continue the newest version that holds a ``last*.ckpt`` instead: ``ckpt_path``
+        becomes that file (so ``last`` and the file's path behave alike) and the logs go on in its folder. A
+        first run (no such version) starts afresh, as Lightning's ``last`` is meant to; an explicit
+        ``version`` is left alone."""
+        subcommand = self.config.get("subcommand")  # parsing: LightningCLI sets self.subcommand later
+        if subcommand != "fit" or self.config[subcommand].get("ckpt_path") != "last":
+            return
+        logger = self.config[subcommand].get("trainer", {}).get("logger")
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if args is None or args.get("save_dir") is None or args.get("version", "unset") is not None:
+            return  # no logger, several, one without save_dir/version arguments, or a version chosen by the user
+        name = args.get("name")
+        root = Path(args.save_dir) / name if name else Path(args.save_dir)
+        lasts = [p for p in root.glob("*/checkpoints/last*.ckpt") if p.is_file()]
+        if not lasts:
+            return
+        newest = max(lasts, key=lambda p: p.stat().st_mtime)
+        args.version = newest.parent.parent.name
+        self.config[subcommand].ckpt_path = str(newest)
+        rank_zero_info(f"--ckpt_path last: continuing {newest.parent.parent} (its {newest.name})")
 
     def _model_config(self) -> dict[str, Any] | None:
         """The subcommand's ``model`` config as a plain dict (``class_path``, ``init_args``), or None."""
