@@ -108,10 +108,11 @@ def test_a_resume_names_the_model_values_the_checkpoint_replaces(fake_fmnist, tm
     assert not [w for w in record if str(w.message).startswith("--ckpt_path:")]
 
 
-def test_fit_ckpt_path_last_continues_the_newest_version(fake_fmnist, tmp_path, monkeypatch):
-    """``fit --ckpt_path last`` under the configs' versioned TensorBoard folders: the first run starts afresh,
-    the next one resumes the first's ``version_0/checkpoints/last.ckpt`` and logs on in ``version_0``
-    (Lightning alone would look in a new, empty ``version_1`` and train from scratch)."""
+def test_ckpt_path_last_finds_the_newest_version(fake_fmnist, tmp_path, monkeypatch):
+    """``--ckpt_path last`` under the configs' versioned TensorBoard folders: the first fit starts afresh,
+    the next resumes ``version_0/checkpoints/last.ckpt`` (Lightning alone would look in the new, empty
+    ``version_1`` and train from scratch), the one after that ``version_1``'s; ``validate`` takes the newest
+    too, and is refused by name where there is none."""
     monkeypatch.chdir(tmp_path)
     tiny = ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
             "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
@@ -120,14 +121,18 @@ def test_fit_ckpt_path_last_continues_the_newest_version(fake_fmnist, tmp_path, 
             "--model.init_args.num_prototypes", "16", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "runs",
             "--ckpt_path", "last"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"ckpt_path 'last': no last checkpoint under 'runs/dino'"):
+        build_cli(["validate", *tiny])
     first = build_cli(["fit", *tiny, "--trainer.max_steps", "2"])
     assert first.trainer.ckpt_path is None and first.trainer.global_step == 2
-    last = tmp_path / "runs" / "dino" / "version_0" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
+    runs = tmp_path / "runs" / "dino"
     with pytest.warns(UserWarning, match=r"--ckpt_path: .*: base_lr=0\.1 \(checkpoint: 0\.001\)\. "):
         again = build_cli(["fit", *tiny, "--trainer.max_steps", "4", "--model.init_args.base_lr", "0.1"])
     assert again.model.hparams.base_lr == 0.001  # as for the checkpoint's own path: its hyperparameters
-    assert again.trainer.ckpt_path is not None and Path(again.trainer.ckpt_path).resolve() == last.resolve()
-    assert again.trainer.global_step == 4 and again.trainer.logger.version == "version_0"
-    assert sorted(p.name for p in (tmp_path / "runs" / "dino").iterdir()) == ["version_0"]
-    assert len(list((tmp_path / "runs" / "dino" / "version_0").glob("events.out.tfevents.*"))) == 2
+    assert Path(again.trainer.ckpt_path).resolve() == (runs / "version_0" / "checkpoints" / "last.ckpt").resolve()
+    assert again.trainer.global_step == 4 and again.trainer.logger.version == 1  # a new folder: nothing overwritten
+    third = build_cli(["fit", *tiny, "--trainer.max_steps", "6"])
+    assert Path(third.trainer.ckpt_path).resolve() == (runs / "version_1" / "checkpoints" / "last.ckpt").resolve()
+    assert third.trainer.global_step == 6
+    val = build_cli(["validate", *tiny])
+    assert Path(val.trainer.ckpt_path).resolve() == (runs / "version_2" / "checkpoints" / "last.ckpt").resolve()

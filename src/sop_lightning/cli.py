@@ -53,21 +53,21 @@ class SOPLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        self._continue_the_last_run()
+        self._resolve_last_checkpoint()
         self._given_model = self._model_config()  # before LightningCLI applies a checkpoint's hyperparameters
 
     def before_instantiate_classes(self) -> None:
         self._warn_replaced_model_arguments()
 
-    def _continue_the_last_run(self) -> None:
-        """``fit --ckpt_path last`` with a versioned logger (the configs' TensorBoard ``save_dir``/``name``):
-        Lightning looks for ``last.ckpt`` in the *new* run's ``version_N/checkpoints`` only, finds none and
-        trains from scratch. Continue the newest version that holds a ``last*.ckpt`` instead: ``ckpt_path``
-        becomes that file (so ``last`` and the file's path behave alike) and the logs go on in its folder. A
-        first run (no such version) starts afresh, as Lightning's ``last`` is meant to; an explicit
-        ``version`` is left alone."""
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last`` with a versioned logger (the configs' TensorBoard ``save_dir``/``name``):
+        Lightning looks for ``last.ckpt`` only in the *new* run's ``version_N/checkpoints``, finds none and
+        trains from scratch (or validates an untrained model). Resolve it to the newest ``last*.ckpt`` of any
+        version instead, so ``last`` and that file's path behave alike; the run logs into a new version folder,
+        so nothing written is overwritten. With none, ``fit`` starts afresh, as Lightning's ``last`` is meant to
+        (the flag can stay in a re-queued job script); ``validate`` is refused with the folder searched."""
         subcommand = self.config.get("subcommand")  # parsing: LightningCLI sets self.subcommand later
-        if subcommand != "fit" or self.config[subcommand].get("ckpt_path") != "last":
+        if subcommand is None or self.config[subcommand].get("ckpt_path") != "last":
             return
         logger = self.config[subcommand].get("trainer", {}).get("logger")
         args = logger.get("init_args") if isinstance(logger, Namespace) else None
@@ -76,12 +76,15 @@ class SOPLightningCLI(LightningCLI):
         name = args.get("name")
         root = Path(args.save_dir) / name if name else Path(args.save_dir)
         lasts = [p for p in root.glob("*/checkpoints/last*.ckpt") if p.is_file()]
-        if not lasts:
-            return
-        newest = max(lasts, key=lambda p: p.stat().st_mtime)
-        args.version = newest.parent.parent.name
-        self.config[subcommand].ckpt_path = str(newest)
-        rank_zero_info(f"--ckpt_path last: continuing {newest.parent.parent} (its {newest.name})")
+        if lasts:
+            newest = max(lasts, key=lambda p: p.stat().st_mtime)
+            self.config[subcommand].ckpt_path = str(newest)
+            rank_zero_info(f"--ckpt_path last: {newest}")
+        elif subcommand != "fit":
+            raise ConfigError(
+                f"ckpt_path 'last': no last checkpoint under {str(root)!r} (looked for */checkpoints/last*.ckpt; "
+                "a fit with ModelCheckpoint(save_last=True), as in the configs, writes one)"
+            )
 
     def _model_config(self) -> dict[str, Any] | None:
         """The subcommand's ``model`` config as a plain dict (``class_path``, ``init_args``), or None."""
