@@ -37,3 +37,15 @@ def _full(state: dict) -> dict:
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() if torch.is_tensor(v) else v
             for k, v in state.items()}  # fmt: skip
+
+
+class StopAt(L.Callback):
+    """Stops the fit after ``step`` optimizer steps the way ``max_time`` does (``trainer.should_stop`` at the
+    end of a training batch), so the schedules stay planned for the whole run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -44,6 +44,32 @@ def test_resumed_run_is_bit_identical_to_the_straight_run(method, resume_steps, 
         assert straight["metrics"] == again["metrics"], f"resumed from step {step}"
 
 
+def test_last_ckpt_of_a_fit_stopped_mid_epoch_or_at_the_epoch_end_resumes_exactly(fake_fmnist, tmp_path):
+    """The configs' ``last.ckpt`` (``save_on_train_epoch_end``) of a fit stopped as ``max_time`` stops it
+    (``should_stop`` after step 3, mid-epoch, and after step 5, the epoch's last batch, which is also every
+    epoch-end ``last.ckpt``): resumed, the run reaches ``max_steps`` with the uninterrupted run's state.
+    Lightning alone resumes inside the finished epoch and counts it twice: 5 and 6 steps, not 8."""
+    common = ["--data.init_args.batch_size", "4", "--trainer.max_steps", "8", "--trainer.max_epochs", "2",
+              "--model.init_args.drop_path_rate", "0.2", "--model.init_args.depth", "2"]  # fmt: skip
+    stops = (3, 5)
+    finish_all(start("sop", fake_fmnist, tmp_path / "straight", *common),
+               *(start("sop", fake_fmnist, tmp_path / f"stopped{step}", *common,
+                       "--trainer.callbacks+=state_saver.StopAt", f"--trainer.callbacks.step={step}")
+                 for step in stops))  # fmt: skip
+    for step in stops:
+        assert torch.load(tmp_path / f"stopped{step}" / "rank0.pt")["step"] == step
+    finish_all(*(start("sop", fake_fmnist, tmp_path / f"resumed{step}", *common, "--ckpt_path",
+                       str(tmp_path / f"stopped{step}" / "checkpoints" / "last.ckpt")) for step in stops))  # fmt: skip
+    straight = torch.load(tmp_path / "straight" / "rank0.pt")
+    for step in stops:
+        again = torch.load(tmp_path / f"resumed{step}" / "rank0.pt")
+        assert again["step"] == straight["step"] == 8, f"stopped at {step}"
+        for key, value in straight["state"].items():
+            assert torch.equal(value, again["state"][key]), (step, key)
+        _assert_same_optimizer(straight["optimizer"], again["optimizer"])
+        assert straight["metrics"] == again["metrics"], f"stopped at {step}"
+
+
 def _assert_same_optimizer(a: dict, b: dict) -> None:
     assert a["param_groups"] == b["param_groups"]
     for index, state in a["state"].items():

@@ -243,6 +243,7 @@ class SelfDistillation(L.LightningModule):
         """Refuse a checkpoint of another method or of another architecture with an error that names the
         difference, before Lightning's strict load reports a list of missing keys."""
         check_checkpoint_fits(self, checkpoint)
+        resume_epoch_end_checkpoint(checkpoint)
 
     def on_fit_end(self) -> None:
         """Say so when training stops before the planned schedule ends (``max_time``, early stopping, a
@@ -461,6 +462,36 @@ class SelfDistillation(L.LightningModule):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
         return backbone.timm_kwargs()
+
+
+def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """Rewrite the loop state of a checkpoint saved in ``on_train_epoch_end`` (``ModelCheckpoint`` with
+    ``save_on_train_epoch_end``, as the configs' ``last.ckpt``) into that of one saved in the last batch's
+    ``on_train_batch_end``, which Lightning (2.6) resumes exactly; returns whether it did.
+
+    Saved at the epoch's end, the epoch counts as processed but not completed, and its last batch as completed.
+    Lightning resumes such a checkpoint inside the finished epoch: it trains one more batch as part of it and
+    counts the epoch twice, so each resume ends the run one epoch early (``max_epochs reached`` before
+    ``max_steps``). A fit stopped mid-epoch (``max_time``, ``TimeBudget``, ``should_stop``) also runs the
+    epoch-end hooks and has the same state. The two forms differ in exactly three counters, set back here:
+    the epoch's ``processed``, the last batch's ``completed`` and ``_batches_that_stepped``."""
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or not {"epoch_progress", "epoch_loop.batch_progress", "epoch_loop.state_dict"} <= set(fit):
+        return False
+    epochs, batches, state = fit["epoch_progress"], fit["epoch_loop.batch_progress"], fit["epoch_loop.state_dict"]
+    if "_batches_that_stepped" not in state:
+        return False
+    saved_at_epoch_end = all(
+        epochs[k]["processed"] == epochs[k]["completed"] + 1 == epochs[k]["started"]
+        and batches[k]["completed"] == batches[k]["processed"] >= 1
+        for k in ("current", "total")
+    )
+    if saved_at_epoch_end:
+        for k in ("current", "total"):
+            epochs[k]["processed"] -= 1
+            batches[k]["completed"] -= 1
+        state["_batches_that_stepped"] -= 1
+    return saved_at_epoch_end
 
 
 def check_checkpoint_fits(model: L.LightningModule, checkpoint: dict[str, Any]) -> None:
