@@ -85,15 +85,19 @@ def test_only_value_errors_raised_by_the_library_are_reported_as_config_errors()
     assert _library_value_error(ours.value) is ours.value
 
 
+def _tiny_dino(root: Path, *extra: str) -> list[str]:
+    """The demo DINO config at a size for a test (a 1-block d32 ViT, batches of 4), then ``extra``."""
+    return ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
+            "--data.init_args.root", str(root), "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "4", "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1",
+            "--model.init_args.num_heads", "2", "--model.init_args.hidden_dim", "32",
+            "--model.init_args.num_prototypes", "16", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+
+
 def test_a_resume_names_the_model_values_the_checkpoint_replaces(fake_fmnist, tmp_path):
     """LightningCLI rebuilds the model of ``--ckpt_path`` from the checkpoint's hyperparameters; a value the
     user changed for the resume is not used, and the warning says which, with both values."""
-    tiny = ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
-            "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
-            "--data.init_args.batch_size", "4", "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1",
-            "--model.init_args.num_heads", "2", "--model.init_args.hidden_dim", "32",
-            "--model.init_args.num_prototypes", "16", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    tiny = _tiny_dino(fake_fmnist, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path))
     build_cli(["fit", *tiny, "--trainer.max_steps", "2"])
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.warns(UserWarning, match=r"--ckpt_path: .*: base_lr=0\.1 \(checkpoint: 0\.001\)\. ") as record:
@@ -114,13 +118,8 @@ def test_ckpt_path_last_finds_the_newest_version(fake_fmnist, tmp_path, monkeypa
     ``version_1`` and train from scratch), the one after that ``version_1``'s; ``validate`` takes the newest
     too, and is refused by name where there is none."""
     monkeypatch.chdir(tmp_path)
-    tiny = ["--config", str(ROOT / "experiments" / "demo" / "dino.yaml"),
-            "--data.init_args.root", str(fake_fmnist), "--data.init_args.num_workers", "0",
-            "--data.init_args.batch_size", "4", "--model.init_args.embed_dim", "32", "--model.init_args.depth", "1",
-            "--model.init_args.num_heads", "2", "--model.init_args.hidden_dim", "32",
-            "--model.init_args.num_prototypes", "16", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "runs",
-            "--ckpt_path", "last"]  # fmt: skip
+    tiny = _tiny_dino(fake_fmnist, "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "runs",
+                      "--ckpt_path", "last")  # fmt: skip
     with pytest.raises(ConfigError, match=r"ckpt_path 'last': no last checkpoint under 'runs/dino'"):
         build_cli(["validate", *tiny])
     first = build_cli(["fit", *tiny, "--trainer.max_steps", "2"])
