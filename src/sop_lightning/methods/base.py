@@ -464,10 +464,10 @@ class SelfDistillation(L.LightningModule):
         return backbone.timm_kwargs()
 
 
-def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> bool:
+def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> None:
     """Rewrite the loop state of a checkpoint saved in ``on_train_epoch_end`` (``ModelCheckpoint`` with
     ``save_on_train_epoch_end``, as the configs' ``last.ckpt``) into that of one saved in the last batch's
-    ``on_train_batch_end``, which Lightning (2.6) resumes exactly; returns whether it did.
+    ``on_train_batch_end``, which Lightning (2.6) resumes exactly.
 
     Saved at the epoch's end, the epoch counts as processed but not completed, and its last batch as completed.
     Lightning resumes such a checkpoint inside the finished epoch: it trains one more batch as part of it and
@@ -477,11 +477,9 @@ def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> bool:
     the epoch's ``processed``, the last batch's ``completed`` and ``_batches_that_stepped``."""
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit or not {"epoch_progress", "epoch_loop.batch_progress", "epoch_loop.state_dict"} <= set(fit):
-        return False
+        return
     epochs, batches, state = fit["epoch_progress"], fit["epoch_loop.batch_progress"], fit["epoch_loop.state_dict"]
-    if "_batches_that_stepped" not in state:
-        return False
-    saved_at_epoch_end = all(
+    saved_at_epoch_end = "_batches_that_stepped" in state and all(
         epochs[k]["processed"] == epochs[k]["completed"] + 1 == epochs[k]["started"]
         and batches[k]["completed"] == batches[k]["processed"] >= 1
         for k in ("current", "total")
@@ -491,7 +489,6 @@ def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> bool:
             epochs[k]["processed"] -= 1
             batches[k]["completed"] -= 1
         state["_batches_that_stepped"] -= 1
-    return saved_at_epoch_end
 
 
 def check_checkpoint_fits(model: L.LightningModule, checkpoint: dict[str, Any]) -> None:
