@@ -87,6 +87,44 @@ def test_linear_probe_loads_checkpoints_and_trains(fake_fmnist, tmp_path):
         LinearProbe(checkpoint=str(tmp_path / "missing.ckpt"), num_classes=10, **arch)
 
 
+def _probe_fit(root, out, workers=0, ckpt=None, stop=None):
+    """A 2-epoch linear probe of a random tiny ViT (the 20 fake images: 5 batches of 4 an epoch) with the
+    configs' checkpoints; returns the trainer and the probe."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from state_saver import StopAt
+
+    L.seed_everything(0)
+    arch = {k: TINY[k] for k in ("backbone", "img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        probe = LinearProbe(num_classes=10, n_last_blocks=2, base_lr=0.5, **arch)
+    data = LabelledDataModule(root=str(root), batch_size=4, num_workers=workers, global_size=28, patch_size=4,
+                              train_scale=(0.3, 1.0))  # fmt: skip
+    callbacks = [ModelCheckpoint(dirpath=out, save_top_k=-1, save_last=True, save_on_train_epoch_end=True)]
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks + ([StopAt(stop)] if stop else []))  # fmt: skip
+    trainer.fit(probe, data, ckpt_path=ckpt)
+    return trainer, probe
+
+
+def test_linear_probe_resumes_exactly(fake_fmnist, tmp_path):
+    """A probe stopped mid-epoch (as ``max_time`` stops it) or at the first epoch's end, resumed from its
+    ``last.ckpt`` with another number of loader workers, ends with the straight run's classifier and
+    optimizer state: the same batches in the same order with the same crops, and no epoch counted twice."""
+    straight, probe = _probe_fit(fake_fmnist, tmp_path / "straight")
+    assert straight.global_step == 10
+    momentum = straight.optimizers[0].state_dict()["state"]
+    for stop in (3, 5):
+        stopped, _ = _probe_fit(fake_fmnist, tmp_path / f"stop{stop}", stop=stop)
+        assert stopped.global_step == stop
+        resumed, again = _probe_fit(fake_fmnist, tmp_path / f"resumed{stop}", workers=1,
+                                    ckpt=tmp_path / f"stop{stop}" / "last.ckpt")  # fmt: skip
+        assert resumed.global_step == 10, f"stopped at {stop}"
+        for name, value in probe.classifier.state_dict().items():
+            assert torch.equal(value, again.classifier.state_dict()[name]), (stop, name)
+        other = resumed.optimizers[0].state_dict()["state"]
+        assert all(torch.equal(momentum[i]["momentum_buffer"], other[i]["momentum_buffer"]) for i in momentum)
+
+
 def test_knn_on_fake_data_beats_chance(fake_fmnist):
     # the fake classes are noisy templates: even a random teacher separates them far above 10 %
     model = DINO(num_prototypes=8, **TINY)

@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ..distributed import rank as distributed_rank
 from .datasets import ImageFolderDataset, IndexedDataset, TransformedDataset
 from .demo import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .masking import BlockMaskGenerator, MaskRatioSampler
-from .sampler import GlobalBatchSampler
-from .seeding import AugmentationStreams
+from .order import ResumableLoader, TrainingOrder
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, eval_transform
 
 __all__ = [
@@ -29,21 +27,6 @@ __all__ = [
     "SSLDataModule",
     "LabelledDataModule",
 ]
-
-
-class ResumableLoader(DataLoader):
-    """The training ``DataLoader``, marked resumable for Lightning (``state_dict`` / ``load_state_dict``).
-
-    The position itself is restored by :class:`SSLDataModule`, whose checkpoint state holds the epoch, the
-    batches already trained on and the augmentation seed, before it builds this loader: its
-    :class:`~sop_lightning.data.sampler.GlobalBatchSampler` then starts after those batches, so the loader
-    state here is only informative."""
-
-    def state_dict(self) -> dict:
-        return {"epoch": int(getattr(self.sampler, "epoch", 0))}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass  # SSLDataModule.load_state_dict already placed the sampler
 
 
 @dataclass
@@ -308,10 +291,9 @@ class SSLDataModule(L.LightningDataModule):
             MaskRatioSampler(mask_ratio, mask_ratio_var),
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
-        self.augmentation_streams = AugmentationStreams(augmentation_seed)
+        self.order = TrainingOrder(augmentation_seed)
+        self.augmentation_streams = self.order.streams
         self._train: Dataset | None = None
-        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches handed out in it)
-        self._resume_at: tuple[int, int] | None = None
 
     @property
     def grid_size(self) -> int:
@@ -358,31 +340,7 @@ class SSLDataModule(L.LightningDataModule):
         """Multi-crop batches in the order of :class:`GlobalBatchSampler` (global batches split between the
         ranks); after a resume, the interrupted epoch continues where its checkpoint was written."""
         self.setup("fit")
-        trainer = self.trainer
-        world = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
-        rank = int(getattr(trainer, "global_rank", 0)) if trainer is not None else distributed_rank()
-        if len(self._train) < self.batch_size * world:
-            raise ValueError(
-                f"dataset={_describe(self.dataset)} has {len(self._train)} images, fewer than batch_size="
-                f"{self.batch_size} x {world} rank(s) (the last incomplete global batch is dropped, so no step "
-                "would run)"
-            )
-        base = self.augmentation_streams.resolve_base()
-        strategy = getattr(trainer, "strategy", None)
-        if world > 1 and strategy is not None:  # unseeded processes differ: every rank takes rank 0's order
-            base = self.augmentation_streams.base = int(strategy.broadcast(base))
-        sampler = GlobalBatchSampler(self._train, self.batch_size, world, rank, shuffle=True, seed=base)
-        epoch = trainer.current_epoch if trainer is not None else 0
-        if self._resume_at is not None:  # set by load_state_dict: the epoch the checkpoint interrupted
-            epoch, done = self._resume_at
-            self._resume_at = None
-            if done >= sampler.num_batches:
-                epoch, done = epoch + 1, 0
-            sampler.resume(epoch, done)
-            self._position = (epoch, done)
-        else:
-            sampler.set_epoch(epoch)
-        self.set_epoch(epoch)
+        sampler = self.order.sampler(self._train, self.batch_size, self.trainer, f"dataset={_describe(self.dataset)}")
         data = TransformedDataset(self._train, self.transform, self.masks, self.augmentation_streams)
         return self._loader(
             data,
@@ -398,31 +356,21 @@ class SSLDataModule(L.LightningDataModule):
         """Counts the training batches handed to the model in the current epoch (the resume position)."""
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, MultiCropBatch):
-            epoch, done = self._position
-            current = trainer.current_epoch
-            self._position = (current, done + 1 if epoch == current else 1)
+            self.order.count(trainer)
         return batch
 
     def state_dict(self) -> dict:
         """What a resumed fit needs to replay the data exactly: the augmentation base seed and the batches
         of the current epoch already trained on (saved in every checkpoint)."""
-        epoch, done = self._position
-        trainer = self.trainer
-        if trainer is not None and epoch != trainer.current_epoch:  # a new epoch has not drawn a batch yet
-            epoch, done = trainer.current_epoch, 0
-        return {"augmentation_base": self.augmentation_streams.base, "epoch": epoch, "batches_done": done}
+        return self.order.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "epoch" not in state_dict:
-            return  # a checkpoint written before the data position was saved: the epoch starts over
-        if state_dict.get("augmentation_base") is not None:
-            self.augmentation_streams.base = int(state_dict["augmentation_base"])
-        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        self.order.load_state_dict(state_dict)
 
     def set_epoch(self, epoch: int) -> None:
         """Start the augmentation streams of ``epoch`` (the methods call it at every epoch start; without it
         the streams simply continue from epoch to epoch)."""
-        self.augmentation_streams.set_epoch(epoch)
+        self.order.set_epoch(epoch)
 
     def knn_datasets(self) -> tuple[Dataset, Dataset]:
         """Labelled ``(train, val)`` splits under the eval transform (§11.1)."""
@@ -468,6 +416,11 @@ class LabelledDataModule(L.LightningDataModule):
         patch_size: the model's patch size (linked likewise).
         train_scale: ``RandomResizedCrop`` scale.
         on_bad_image: an unreadable file in an image folder: ``"raise"`` (default, names the path) or ``"skip"``.
+        augmentation_seed: base seed of the training order and of the crops and flips, drawn per (epoch, sample
+            index) as in :class:`SSLDataModule`: the same batches with any number of loader workers or ranks, and
+            a resumed probe continues exactly; ``None`` takes the process seed (``seed_everything``). Each epoch
+            drops the last incomplete global batch (fewer than ``batch_size · world_size`` images, a new
+            permutation every epoch).
     """
 
     def __init__(
@@ -485,6 +438,7 @@ class LabelledDataModule(L.LightningDataModule):
         eval_resize_ratio: float = 256 / 224,
         train_subset: int | None = None,
         on_bad_image: Literal["raise", "skip"] = "raise",
+        augmentation_seed: int | None = None,
     ):
         super().__init__()
         from torchvision.transforms import InterpolationMode, v2
@@ -511,18 +465,41 @@ class LabelledDataModule(L.LightningDataModule):
             ]
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
+        self.order = TrainingOrder(augmentation_seed)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False, num_workers=self.num_workers,
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        return (DataLoader if sampler is None else ResumableLoader)(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate_labelled, pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
+        """Labelled batches in the order of :class:`TrainingOrder` (seeded, split between the ranks, the last
+        incomplete global batch dropped); after a resume, the interrupted epoch continues where its
+        checkpoint was written, with the same crops and flips."""
         train = resolve_dataset(self.dataset, self.root, "train", self.on_bad_image)
         if self.train_subset is not None:
             train = Subset(train, range(min(self.train_subset, len(train))))
-        return self._loader(TransformedDataset(train, self.train_transform), shuffle=True)
+        sampler = self.order.sampler(train, self.batch_size, self.trainer, f"dataset={_describe(self.dataset)}")
+        return self._loader(TransformedDataset(train, self.train_transform, streams=self.order.streams), sampler)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Counts the training batches handed to the model in the current epoch (the resume position)."""
+        if self.trainer is not None and self.trainer.training:
+            self.order.count(self.trainer)
+        return batch
+
+    def state_dict(self) -> dict:
+        """The augmentation base seed and the batches of the current epoch already trained on."""
+        return self.order.state_dict(self.trainer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.order.load_state_dict(state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the augmentation streams of ``epoch`` (:class:`~sop_lightning.LinearProbe` calls it at every
+        epoch start)."""
+        self.order.set_epoch(epoch)
 
     def val_dataloader(self) -> DataLoader:
         source = self.val_dataset or ("fashion_mnist" if self.dataset == "fashion_mnist" else None)
@@ -532,5 +509,4 @@ class LabelledDataModule(L.LightningDataModule):
             TransformedDataset(
                 resolve_dataset(source, self.root, "test", self.on_bad_image, "val_dataset"), self.eval_transform
             ),
-            shuffle=False,
         )

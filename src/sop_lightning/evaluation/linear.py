@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import ViTBackbone
+from ..checkpoints import resume_epoch_end_checkpoint
 from .export import teacher_backbone_state_dict
 
 __all__ = ["LinearProbe"]
@@ -83,6 +84,9 @@ class LinearProbe(L.LightningModule):
         state = teacher_backbone_state_dict(obj["state_dict"]) if "state_dict" in obj else obj
         self.backbone.vit.load_state_dict(state, strict=True)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume_epoch_end_checkpoint(checkpoint)  # a probe stopped mid-epoch resumes where it stopped
+
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.backbone.eval()  # frozen: no drop-path, no dropout
@@ -99,6 +103,11 @@ class LinearProbe(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
+        if callable(set_epoch):  # the epoch's crops and flips (LabelledDataModule's augmentation streams)
+            set_epoch(self.current_epoch)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
