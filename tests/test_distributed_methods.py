@@ -148,31 +148,39 @@ FSDP2 = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "i
 @pytest.mark.parametrize("method", ["ibot_vmf", "sop"])
 def test_fsdp2_matches_one_process_and_resumes_from_a_distributed_checkpoint(method, fake_fmnist, tmp_path):
     """``ModelParallelStrategy`` (FSDP2 ``fully_shard``), 2 ranks x 4: the teacher, banks and centers of
-    1 process x 8, and a resume from the step-3 distributed checkpoint (mid-epoch) in new processes gives
-    the uninterrupted run's state exactly. (``configure_model`` asserts that student and teacher shards
-    line up, so the EMA is local.)"""
+    1 process x 8, and a resume in new processes from the step-3 distributed checkpoint (mid-epoch) or
+    from the ``last.ckpt`` of a fit stopped after step 2 (the first epoch's end, as ``max_time`` stops it)
+    gives the uninterrupted run's state exactly. (``configure_model`` asserts that student and teacher
+    shards line up, so the EMA is local.)"""
     steps = ["--trainer.max_steps", "4", "--trainer.max_epochs", "2"]
     every_step = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'steps'}",
                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
                   "--trainer.callbacks.filename={step}"]  # fmt: skip
     sharded = ["--data.init_args.batch_size", "4", "--trainer.strategy", FSDP2, "--trainer.devices", "2", *steps]
+    stop = ["--trainer.callbacks+=state_saver.StopAt", "--trainer.callbacks.step=2"]  # 2 steps an epoch
     finish_all(start(method, fake_fmnist, tmp_path / "one", "--data.init_args.batch_size", "8", *steps),
-               start(method, fake_fmnist, tmp_path / "fsdp", *sharded, *every_step))  # fmt: skip
+               start(method, fake_fmnist, tmp_path / "fsdp", *sharded, *every_step),
+               start(method, fake_fmnist, tmp_path / "stopped", *sharded, *stop))  # fmt: skip
     checkpoint = tmp_path / "steps" / "step=3.ckpt"
     assert checkpoint.is_dir(), "a distributed checkpoint is a folder of shards"
-    fit(method, fake_fmnist, tmp_path / "resumed", *sharded, "--ckpt_path", str(checkpoint))
+    finish_all(start(method, fake_fmnist, tmp_path / "resumed", *sharded, "--ckpt_path", str(checkpoint)),
+               start(method, fake_fmnist, tmp_path / "resumed_stopped", *sharded,
+                     "--ckpt_path", str(tmp_path / "stopped" / "checkpoints" / "last.ckpt")))  # fmt: skip
     one = torch.load(tmp_path / "one" / "rank0.pt")
     r0, r1, again = (torch.load(tmp_path / d / f"rank{r}.pt") for d, r in (("fsdp", 0), ("fsdp", 1), ("resumed", 0)))
-    assert one["step"] == r0["step"] == again["step"] == 4
+    after_stop = torch.load(tmp_path / "resumed_stopped" / "rank0.pt")
+    assert torch.load(tmp_path / "stopped" / "rank0.pt")["step"] == 2
+    assert one["step"] == r0["step"] == again["step"] == after_stop["step"] == 4
     assert not one["sharded"] and sorted(r0["sharded"]) == sorted(r0["params"])  # every weight is sharded
     assert any(n.startswith("teacher.") for n in r0["sharded"])
     for key, value in one["state"].items():
         assert torch.equal(r0["state"][key], r1["state"][key]), key  # gathered: the same on both ranks
         assert torch.equal(again["state"][key], r0["state"][key]), key  # resumed = uninterrupted
+        assert torch.equal(after_stop["state"][key], r0["state"][key]), key
         if value.is_floating_point():
             torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
         else:
             assert torch.equal(r0["state"][key], value), key
-    assert again["metrics"] == r0["metrics"]
+    assert again["metrics"] == after_stop["metrics"] == r0["metrics"]
     for key, value in one["metrics"].items():
         assert r0["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
