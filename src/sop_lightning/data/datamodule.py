@@ -292,7 +292,6 @@ class SSLDataModule(L.LightningDataModule):
         )
         self.eval_transform = eval_transform(global_size, eval_resize_ratio, mean, std)
         self.order = TrainingOrder(augmentation_seed)
-        self.augmentation_streams = self.order.streams
         self._train: Dataset | None = None
 
     @property
@@ -341,7 +340,7 @@ class SSLDataModule(L.LightningDataModule):
         ranks); after a resume, the interrupted epoch continues where its checkpoint was written."""
         self.setup("fit")
         sampler = self.order.sampler(self._train, self.batch_size, self.trainer, f"dataset={_describe(self.dataset)}")
-        data = TransformedDataset(self._train, self.transform, self.masks, self.augmentation_streams)
+        data = TransformedDataset(self._train, self.transform, self.masks, self.order.streams)
         return self._loader(
             data,
             collate_multicrop,
@@ -368,9 +367,9 @@ class SSLDataModule(L.LightningDataModule):
         self.order.load_state_dict(state_dict)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the augmentation streams of ``epoch`` (the methods call it at every epoch start; without it
-        the streams simply continue from epoch to epoch)."""
-        self.order.set_epoch(epoch)
+        """Start the augmentation streams of ``epoch`` (the training sampler does it at every epoch start; for
+        a loop of one's own without a sampler epoch)."""
+        self.order.streams.set_epoch(epoch)
 
     def knn_datasets(self) -> tuple[Dataset, Dataset]:
         """Labelled ``(train, val)`` splits under the eval transform (§11.1)."""
@@ -495,11 +494,6 @@ class LabelledDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.order.load_state_dict(state_dict)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start the augmentation streams of ``epoch`` (:class:`~sop_lightning.LinearProbe` calls it at every
-        epoch start)."""
-        self.order.set_epoch(epoch)
 
     def val_dataloader(self) -> DataLoader:
         source = self.val_dataset or ("fashion_mnist" if self.dataset == "fashion_mnist" else None)

@@ -44,7 +44,9 @@ class TrainingOrder:
             (``seed_everything``) when the first training loader is built.
 
     The data module calls :meth:`sampler` in ``train_dataloader``, :meth:`count` in
-    ``on_after_batch_transfer`` and forwards its ``state_dict`` / ``load_state_dict`` / ``set_epoch``.
+    ``on_after_batch_transfer`` and forwards its ``state_dict`` / ``load_state_dict``. The sampler starts the
+    augmentation streams of each epoch when Lightning sets its epoch, so any LightningModule trains on the
+    epoch's views.
     """
 
     def __init__(self, seed: int | None = None):
@@ -67,7 +69,8 @@ class TrainingOrder:
         strategy = getattr(trainer, "strategy", None)
         if world > 1 and strategy is not None:  # unseeded processes differ: every rank takes rank 0's order
             base = self.streams.base = int(strategy.broadcast(base))
-        sampler = GlobalBatchSampler(dataset, batch_size, world, rank, shuffle=True, seed=base)
+        sampler = GlobalBatchSampler(dataset, batch_size, world, rank, shuffle=True, seed=base,
+                                     on_epoch=self.streams.set_epoch)  # fmt: skip
         epoch = trainer.current_epoch if trainer is not None else 0
         if self.resume_at is not None:  # set by load_state_dict: the epoch the checkpoint interrupted
             epoch, done = self.resume_at
@@ -78,7 +81,6 @@ class TrainingOrder:
             self.position = (epoch, done)
         else:
             sampler.set_epoch(epoch)
-        self.set_epoch(epoch)
         return sampler
 
     def count(self, trainer: Any) -> None:
@@ -100,7 +102,3 @@ class TrainingOrder:
         if state_dict.get("augmentation_base") is not None:
             self.streams.base = int(state_dict["augmentation_base"])
         self.resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start the augmentation streams of ``epoch``."""
-        self.streams.set_epoch(epoch)

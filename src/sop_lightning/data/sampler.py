@@ -15,7 +15,7 @@ a distributed run) and calls :meth:`set_epoch` at every epoch start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -34,6 +34,8 @@ class GlobalBatchSampler(DistributedSampler):
         num_replicas, rank: the world size ``W`` and this rank.
         shuffle: a new permutation each epoch, seeded by ``(seed, epoch)`` (the same on every rank).
         seed: the permutations' seed.
+        on_epoch: called with the epoch whenever :meth:`set_epoch` starts one (Lightning calls it at every
+            epoch start; :meth:`resume` too), so the epoch's augmentation draws follow its permutation.
 
     ``len(sampler) = (n // (B·W)) · B``. :meth:`resume` makes the next iterator start after the batches
     already trained on in an epoch; ``len`` stays the epoch's full length, as the trainer counts batches
@@ -48,6 +50,7 @@ class GlobalBatchSampler(DistributedSampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        on_epoch: Callable[[int], None] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -59,6 +62,12 @@ class GlobalBatchSampler(DistributedSampler):
         self.num_samples = self.num_batches * batch_size
         self.total_size = self.num_samples * num_replicas
         self._skip = 0
+        self.on_epoch = on_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def resume(self, epoch: int, batches_done: int) -> None:
         """Continue ``epoch`` after its first ``batches_done`` batches (per rank) with the next iterator."""

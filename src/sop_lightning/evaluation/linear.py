@@ -104,11 +104,6 @@ class LinearProbe(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
-    def on_train_epoch_start(self) -> None:
-        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
-        if callable(set_epoch):  # the epoch's crops and flips (LabelledDataModule's augmentation streams)
-            set_epoch(self.current_epoch)
-
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
         loss = F.cross_entropy(self(images), labels)

@@ -226,12 +226,6 @@ class SelfDistillation(L.LightningModule):
         self.refresh_schedule_length()  # a new fit may have another trainer, loader or limits
         self._unchecked = []  # nothing left over from a fit that stopped between a step and its update
 
-    def on_train_epoch_start(self) -> None:
-        # each epoch's augmentations come from streams seeded by (seed, rank, worker, epoch)
-        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(self.current_epoch)
-
     def on_train_epoch_end(self) -> None:
         skipped = getattr(self.trainer.datamodule, "skipped_images", None)
         if skipped is not None:  # on_bad_image="skip": reads skipped so far, summed over ranks
