@@ -198,6 +198,7 @@ def test_wrong_patch_grid_is_refused_with_both_sizes(fake_fmnist):
         _data(fake_fmnist, patch_size=5)
     with pytest.raises(ValueError, match="local_size=12 must be divisible by patch_size=7"):
         _data(fake_fmnist, patch_size=7)
+    assert _data(fake_fmnist, patch_size=7, num_local=0).hparams.local_size == 12  # no local crops: not used
     # library mode: data masks for 4-px patches (7x7), a model with 7-px patches (4x4)
     model = IBOT(num_prototypes=8, **{**TINY, "patch_size": 7})
     with pytest.raises(ValueError, match=r"does not match the patch grid.*patch_size=7"):

@@ -268,8 +268,10 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if patch_size < 1 or global_size % patch_size:
             raise ValueError(f"global_size={global_size} must be divisible by patch_size={patch_size}")
-        if local_size % patch_size:
-            raise ValueError(f"local_size={local_size} must be divisible by patch_size={patch_size}")
+        if num_local and local_size % patch_size:  # without local crops local_size is not used
+            raise ValueError(
+                f"local_size={local_size} must be divisible by patch_size={patch_size} (num_local={num_local})"
+            )
         for name, value in (("knn_train_subset", knn_train_subset), ("knn_val_subset", knn_val_subset)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
