@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from sop_lightning.callbacks import TimeBudget
-from sop_lightning.cli import build_cli
+from sop_lightning.cli import ConfigError, build_cli
 
 
 def run(argv: list[str]) -> dict[str, float]:
@@ -30,7 +30,10 @@ def run(argv: list[str]) -> dict[str, float]:
         parser.error(f"--minutes must be >= 0 (0 runs the config's max_steps), got {args.minutes}")
     sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly
     start = time.perf_counter()
-    cli = build_cli(["--config", args.config, *extra], run=False)
+    try:
+        cli = build_cli(["--config", args.config, *extra], run=False)
+    except ConfigError as err:  # a bad value or misspelt argument: one line and status 2, as sop-lightning says it
+        parser.error(str(err))
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if args.minutes > 0:
         trainer.callbacks.append(TimeBudget(args.minutes))

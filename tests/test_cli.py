@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sop_lightning.cli import ConfigError, _library_value_error, build_cli, main
+from sop_lightning.cli import ConfigError, _argument_error_line, _library_value_error, build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
@@ -66,6 +66,89 @@ def test_a_bad_value_is_one_line_and_status_2_from_main_and_a_config_error_from_
     assert last_line == "sop-lightning fit: error: num_anchors (K) must be >= 2, got 1"
     with pytest.raises(ConfigError, match=r"^grayscale_prob must be a probability in \[0, 1\], got 1.5$"):
         build_cli([*sop, "--data.init_args.grayscale_prob", "1.5"])
+
+
+SOP_DEMO = ["fit", "--config", str(ROOT / "experiments" / "demo" / "sop.yaml"), "--trainer.logger", "false"]
+MISSPELT = {
+    # an argument of the method: named with its class, not under jsonargparse's "Union subtypes" report
+    "model-argument": (["--model.init_args.num_anchorz", "2"],
+                       "model.init_args.num_anchorz: sop_lightning.SOP has no argument 'num_anchorz' (did you mean "
+                       "num_anchors or num_patch_anchors or num_neighbors?)"),
+    # one SOP passes on in **kwargs to its base class
+    "inherited-argument": (["--model.init_args.momentum_teacher_ned", "1"],
+                           "model.init_args.momentum_teacher_ned: sop_lightning.SOP has no argument "
+                           "'momentum_teacher_ned' (did you mean momentum_teacher_end or "),
+    "data-argument": (["--data.init_args.batch_sise", "2"],
+                      "data.init_args.batch_sise: sop_lightning.SSLDataModule has no argument 'batch_sise' (did you "
+                      "mean batch_size"),
+    "trainer-argument": (["--trainer.max_stepz", "2"], "unknown argument --trainer.max_stepz (did you mean "
+                         "--trainer.max_steps or "),
+    "nested-class-argument": (["--trainer.logger", "TensorBoardLogger", "--trainer.logger.init_args.save_dirr", "x"],
+                              "trainer.logger.init_args.save_dirr: lightning.pytorch.loggers.TensorBoardLogger has no "
+                              "argument 'save_dirr' (did you mean save_dir"),
+    "wrong-type": (["--model.init_args.num_anchors", "many"],
+                   "model.init_args.num_anchors: Expected a <class 'int'>. Got value: many"),
+    "method-class": (["--model", "sop_lightning.SOPP"], "model: no class 'sop_lightning.SOPP' (did you mean "
+                     "sop_lightning.SOP or "),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MISSPELT))
+def test_a_misspelt_argument_is_one_line_naming_it_and_the_closest_names(case, capsys):
+    extra, expected = MISSPELT[case]
+    assert main([*SOP_DEMO, *extra]) == 2
+    err = capsys.readouterr().err.strip()  # in-process: also LightningCLI's warning that pytest has an argv
+    assert "usage:" not in err and "Union" not in err, err  # no 50-line usage, no class-path resolution report
+    assert err.splitlines()[-1].startswith("sop-lightning fit: error: " + expected), err
+    with pytest.raises(ConfigError) as raised:  # build_cli, for scripts and notebooks: a ValueError, same words
+        build_cli([*SOP_DEMO, *extra], run=False)
+    assert str(raised.value).startswith(expected), raised.value
+
+
+def test_a_misspelt_key_of_a_config_file_is_named_too(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_stepz: 3\n")
+    assert main([*SOP_DEMO, "--config", str(typo)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sop-lightning fit: error: unknown argument trainer.max_stepz (did you mean trainer.max_steps or "
+        "trainer.max_time or trainer.min_steps?)"
+    )
+    typo.write_text("model:\n  init_args:\n    koleo_weigth: 0.1\n")
+    assert main([*SOP_DEMO, "--config", str(typo)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sop-lightning fit: error: model.init_args.koleo_weigth: sop_lightning.SOP has no argument 'koleo_weigth' "
+        "(did you mean koleo_weight?)"
+    )
+
+
+def test_argument_error_lines_of_other_forms():
+    assert _argument_error_line("unrecognized arguments: fti", subcommands=["fit", "validate"]) == (
+        "unknown subcommand 'fti' (did you mean fit?): one of fit, validate"
+    )
+    assert _argument_error_line("unrecognized arguments: --zzz 1", options=["--trainer.max_steps"]) == (
+        "unknown argument --zzz"
+    )
+    other = 'Parser key "model":\n  something else\n  entirely'
+    assert _argument_error_line(other) == other  # a form it does not know: as it is
+
+
+def test_help_still_exits_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code in (0, None) and "--trainer.max_steps" in capsys.readouterr().out
+
+
+def test_a_checkpoint_hyperparameter_the_method_does_not_take_is_a_config_error(tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "other_version.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "sop_lightning.SOP", "num_anchorz": 3}, "state_dict": {}}, ckpt)
+    args = ["validate", "--config", str(ROOT / "experiments" / "demo" / "sop.yaml"), "--ckpt_path", str(ckpt)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sop-lightning validate: error: SelfDistillation.__init__() got an unexpected keyword argument 'num_anchorz' "
+        f"(--ckpt_path {ckpt}: the model is rebuilt from the checkpoint's hyperparameters)"
+    )
 
 
 def test_only_value_errors_raised_by_the_library_are_reported_as_config_errors():

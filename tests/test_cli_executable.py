@@ -70,7 +70,10 @@ FAILURES = {
     # a bad value: status 2 and this one line naming it, not jsonargparse's Union report
     "bad-value": (["fit", "--model.init_args.base_lr", "-1"], "base_lr must be > 0, got -1",
                   "sop-lightning fit: error: base_lr must be > 0, got -1.0"),
-    "unknown-argument": (["fit", "--trainer.max_stepz", "2"], "max_stepz", None),
+    # a misspelt argument: status 2 and one line with the closest names, not the 50-line usage
+    "unknown-argument": (["fit", "--trainer.max_stepz", "2"], "max_stepz",
+                         "sop-lightning fit: error: unknown argument --trainer.max_stepz (did you mean "
+                         "--trainer.max_steps or --trainer.max_time or --trainer.min_steps?)"),
     # a data folder that is not there: refused by name when the data module is built, no traceback
     "missing-data-root": (["fit", "--data.init_args.root", "nowhere"], "root='nowhere' is not a folder",
                           "sop-lightning fit: error: root='nowhere' is not a folder: dataset='fashion_mnist' reads the "
@@ -120,11 +123,19 @@ def test_failures_exit_nonzero_with_a_clear_message(failed_runs, case):
 
 def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):
     """``make demo``'s script: the run is planned for --minutes (TimeBudget), ends with a k-NN line, a
-    checkpoint and an exported backbone; a negative --minutes is refused by name."""
+    checkpoint and an exported backbone; a negative --minutes and a misspelt argument are refused by name."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     demo = [sys.executable, str(ROOT / "scripts" / "demo.py")]
     args = [*_tiny(fake_fmnist, tmp_path), "--trainer.max_steps", "40", "--trainer.max_epochs", "-1",
             "--trainer.check_val_every_n_epoch", "1000"]  # fmt: skip
+    refused = {  # side by side with the run (most of each is the process's start-up)
+        "--minutes must be >= 0 (0 runs the config's max_steps), got -1.0": ["--minutes", "-1", *args],
+        "demo.py: error: model.init_args.num_anchorz: sop_lightning.SOP has no argument 'num_anchorz'": [
+            *args, "--model.init_args.num_anchorz", "2"],
+    }  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    bad = {message: subprocess.Popen([*demo, *argv], cwd=tmp_path, env=env, **pipes)
+           for message, argv in refused.items()}  # fmt: skip
     proc = subprocess.run([*demo, "--minutes", "0.1", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     _assert_ok(proc)
@@ -132,6 +143,6 @@ def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):
     planned = int(out.split(" steps planned for 0.1 training minutes")[0].rsplit(",", 1)[1])
     assert 1 <= planned <= 40 and f"[demo] SOP after {planned} steps" in out and "top-1" in out
     assert list(tmp_path.rglob("teacher_backbone.pth"))
-    bad = subprocess.run([*demo, "--minutes", "-1", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert bad.returncode == 2 and "--minutes must be >= 0 (0 runs the config's max_steps), got -1.0" in bad.stderr
+    for message, refusal in bad.items():  # a bad value of the script and a misspelt argument of the CLI
+        _, stderr = refusal.communicate(timeout=300)
+        assert refusal.returncode == 2 and message in stderr and "Traceback" not in stderr, stderr[-3000:]

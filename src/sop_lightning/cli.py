@@ -8,8 +8,14 @@ and data module (a bad value raises :class:`ConfigError`, a ``ValueError``, with
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
 import sys
 import traceback
+from argparse import ArgumentError
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,104 @@ def _library_value_error(err: BaseException) -> ValueError | None:
     return found
 
 
+def _unexpected_keyword(err: BaseException) -> TypeError | None:
+    """The ``TypeError`` "got an unexpected keyword argument" in ``err``'s chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
+def _parameters(class_path: str) -> list[str]:
+    """The keyword arguments the class ``class_path`` takes, those it passes on in ``**kwargs`` to its bases
+    included (none where it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names: dict[str, None] = {}
+    for klass in getattr(cls, "__mro__", ()):
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update((p.name, None) for p in parameters if p.kind not in variadic and p.name != "self")
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break  # what it does not pass on, its bases do not see
+    return list(names)
+
+
+def _classes(module: str) -> list[str]:
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return []
+    return [f"{module}.{n}" for n, v in vars(found).items() if inspect.isclass(v) and not n.startswith("_")]
+
+
+def _argument_error_line(message: str, options: Iterable[str] = (), subcommands: Iterable[str] = ()) -> str:
+    """One line for a jsonargparse parse error, naming the argument and the closest accepted names.
+
+    jsonargparse reports an argument a method or data module does not take (``--model.init_args.num_anchorz``,
+    or the same key in a YAML config) under a "Union subtypes" report of its class-path resolution; this
+    keeps what the user can act on: ``model.init_args.num_anchorz: sop_lightning.SOP has no argument
+    'num_anchorz' (did you mean num_anchors or ...?)``. ``options``: the subcommand's option strings
+    (``--trainer.max_steps`` ...), for unknown options; ``subcommands``: the subcommand names. A message of
+    another form is returned as it is."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return message
+    subcommands = list(subcommands)
+    unknown = re.fullmatch(r"unrecognized arguments: (.*)", lines[0])
+    if unknown and len(lines) == 1:
+        tokens = unknown.group(1).split()
+        flags = [t.split("=", 1)[0] for t in tokens if t.startswith("--")]
+        if flags:
+            options = list(options)
+            return "; ".join(f"unknown argument {f}{_did_you_mean(f, options)}" for f in flags)
+        if tokens and tokens[0] not in subcommands and subcommands:
+            hint = _did_you_mean(tokens[0], subcommands)
+            return f"unknown subcommand {tokens[0]!r}{hint}: one of {', '.join(subcommands)}"
+        return message
+    refused = re.search(r"does not accept option '([^']+)'|^Option '([^']+)' is not accepted", lines[0])
+    if refused and len(lines) == 1:
+        key = refused.group(1) or refused.group(2)
+        return f"unknown argument {key}{_did_you_mean(key, [o.removeprefix('--') for o in options])}"  # a config key
+    parser_key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
+    if not parser_key:
+        return message
+    key = parser_key.group(1)
+    problem = next((i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path '")), None)
+    if problem is None:
+        return f"{key}: {' '.join(lines[1:])}" if len(lines) == 2 else message
+    class_path = lines[problem].split("'")[1]
+    detail = lines[problem + 1 :]
+    if not detail:
+        return message
+    option = re.fullmatch(r"Option '([^']+)' is not accepted", detail[0])
+    if option:
+        name = option.group(1)
+        hint = _did_you_mean(name, _parameters(class_path))
+        return f"{key}.init_args.{name}: {class_path} has no argument {name!r}{hint}"
+    inner = re.fullmatch(r'Parser key "([^"]+)":', detail[0])
+    if inner and len(detail) > 1:
+        return f"{key}.init_args.{inner.group(1)}: {detail[1]}"
+    if re.fullmatch(r"module '[^']+' has no attribute '[^']+'", detail[0]) or "No module named" in detail[0]:
+        module = class_path.rpartition(".")[0]
+        return f"{key}: no class {class_path!r}{_did_you_mean(class_path, _classes(module))}"
+    return message
+
+
 class SOPLightningCLI(LightningCLI):
     """Method and data module chosen by ``class_path``; the data module's image facts (global crop
     size, patch size) are linked into the method so the ViT and the masks always agree."""
@@ -51,8 +155,22 @@ class SOPLightningCLI(LightningCLI):
         for source, target in self.LINKED.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def init_parser(self, **kwargs: Any):
+        # parse errors raise (ArgumentError) instead of printing the whole usage and exiting: parse_arguments
+        # turns them into one ConfigError line naming the argument and the closest accepted names
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            subcommands = list(self.subcommands()) if parser._subcommands_action else []
+            argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
+            chosen = next((a for a in argv if a in subcommands), None)
+            sub = parser._subcommands_action._name_parser_map.get(chosen) if chosen else None
+            options = (sub or parser)._option_string_actions
+            raise ConfigError(_argument_error_line(str(err), options, subcommands)) from err
         self._resolve_last_checkpoint()
         self._given_model = self._model_config()  # before LightningCLI applies a checkpoint's hyperparameters
 
@@ -124,9 +242,24 @@ class SOPLightningCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as err:
             cause = _library_value_error(err)
-            if cause is None:
+            if cause is not None:
+                raise ConfigError(str(cause)) from cause
+            unexpected = _unexpected_keyword(err)  # e.g. a checkpoint's hyperparameter this version does not take
+            if unexpected is None:
                 raise
-            raise ConfigError(str(cause)) from cause
+            ckpt = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
+            where = f" (--ckpt_path {ckpt}: the model is rebuilt from the checkpoint's hyperparameters)" if ckpt else ""
+            raise ConfigError(f"{unexpected}{where}") from unexpected
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI re-parses the model config with the checkpoint's hyperparameters; one it does not take
+        # (a checkpoint of another version, say) is a ConfigError line, not an ArgumentError traceback
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's hyperparameters do not fit: {_argument_error_line(str(err))}"
+            ) from err
 
     def _check_ckpt_path(self) -> None:
         """A local ``--ckpt_path`` that does not exist is a :class:`ConfigError`, not Lightning's traceback
@@ -202,7 +335,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:
-        prog = " ".join(["sop-lightning", *argv[:1]]) if argv and not argv[0].startswith("-") else "sop-lightning"
+        known = ("fit", "validate", "test", "predict")
+        prog = " ".join(["sop-lightning", *argv[:1]]) if argv and argv[0] in known else "sop-lightning"
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
