@@ -59,7 +59,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from sop_lightning import KNNEvaluation, knn_classify
 from sop_lightning.callbacks import TimeBudget
-from sop_lightning.cli import build_cli
+from sop_lightning.cli import ConfigError, build_cli
 from sop_lightning.data import FashionMNIST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -702,7 +702,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: row[k] for k in ("name", "top1", "top5")}), "->", save(row, args.results))
     failed = []
     for method in (m for m in args.methods if m in METHODS):
-        result, cli = run_method(method, args)
+        try:
+            result, cli = run_method(method, args)
+        except ConfigError as err:  # a bad or misspelt --set: one line and status 2 (the rows before it are saved)
+            parser.error(f"--methods {method}: {err}")
         print(json.dumps({k: result[k] for k in ("name", "top1", "top5", "steps", "images_per_second")}),
               "->", save(result, args.results))  # fmt: skip
         if method == "sop" and args.tag == "main":  # the row is saved first: a failed picture loses no training

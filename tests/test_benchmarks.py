@@ -30,6 +30,17 @@ def _load_quality():
     return quality
 
 
+def test_quality_benchmark_refuses_a_misspelt_set_in_one_line(fake_fmnist, tmp_path, capsys):
+    quality = _load_quality()
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--methods", "sop", "--root", str(fake_fmnist), "--results", str(tmp_path), "--set",
+                      "model.init_args.num_anchorz=2"])  # fmt: skip
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("error: --methods sop: model.init_args.num_anchorz: sop_lightning.SOP has no argument 'num_anchorz' "
+            "(did you mean num_anchors") in last_line, last_line  # fmt: skip
+
+
 def test_quality_benchmark_smoke(fake_fmnist, tmp_path):
     results, docs = tmp_path / "results", tmp_path / "docs"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--methods", "pixels", "sop", "--budget", "0.03",
