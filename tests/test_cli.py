@@ -128,6 +128,8 @@ def test_argument_error_lines_of_other_forms():
     assert _argument_error_line("unrecognized arguments: --zzz 1", options=["--trainer.max_steps"]) == (
         "unknown argument --zzz"
     )
+    before = "Option 'trainer.max_steps' is not accepted before subcommand 'fit'"  # a top-level config key
+    assert _argument_error_line(before, options=["--trainer.max_steps"]) == before  # says what to do already
     other = 'Parser key "model":\n  something else\n  entirely'
     assert _argument_error_line(other) == other  # a form it does not know: as it is
 

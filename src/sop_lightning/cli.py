@@ -115,8 +115,8 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
             hint = _did_you_mean(tokens[0], subcommands)
             return f"unknown subcommand {tokens[0]!r}{hint}: one of {', '.join(subcommands)}"
         return message
-    refused = re.search(r"does not accept option '([^']+)'|^Option '([^']+)' is not accepted", lines[0])
-    if refused and len(lines) == 1:
+    refused = re.search(r"does not accept option '([^']+)'|^Option '([^']+)' is not accepted$", lines[0])
+    if refused and len(lines) == 1:  # (not "... accepted before subcommand 'fit'": that one says what to do)
         key = refused.group(1) or refused.group(2)
         return f"unknown argument {key}{_did_you_mean(key, [o.removeprefix('--') for o in options])}"  # a config key
     parser_key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
