@@ -15,7 +15,7 @@ import re
 import sys
 import traceback
 from argparse import ArgumentError
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +33,29 @@ class ConfigError(ValueError):
     value and the constraint); :func:`main` prints it as one line and exits with status 2."""
 
 
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or during, outermost first (a chain can loop back)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _library_value_error(err: BaseException) -> ValueError | None:
     """The innermost ``ValueError`` raised by sop_lightning's own code in ``err``'s chain, or None."""
     package = Path(__file__).resolve().parent
-    found, seen = None, set()
-    while err is not None and id(err) not in seen:  # a chain can loop back on itself
-        seen.add(id(err))
-        frames = traceback.extract_tb(err.__traceback__)
-        if isinstance(err, ValueError) and frames and Path(frames[-1].filename).resolve().is_relative_to(package):
-            found = err
-        err = err.__cause__ or err.__context__
+    found = None
+    for link in _chain(err):
+        frames = traceback.extract_tb(link.__traceback__)
+        if isinstance(link, ValueError) and frames and Path(frames[-1].filename).resolve().is_relative_to(package):
+            found = link
     return found
 
 
 def _unexpected_keyword(err: BaseException) -> TypeError | None:
     """The ``TypeError`` "got an unexpected keyword argument" in ``err``'s chain, or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in _chain(err) if isinstance(e, TypeError) and "unexpected keyword argument" in str(e)), None)
 
 
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
