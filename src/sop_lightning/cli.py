@@ -336,8 +336,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:
-        known = ("fit", "validate", "test", "predict")
-        prog = " ".join(["sop-lightning", *argv[:1]]) if argv and argv[0] in known else "sop-lightning"
+        named = argv and argv[0] in SOPLightningCLI.subcommands()
+        prog = " ".join(["sop-lightning", *argv[:1]]) if named else "sop-lightning"
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
