@@ -90,6 +90,14 @@ MISSPELT = {
                    "model.init_args.num_anchors: Expected a <class 'int'>. Got value: many"),
     "method-class": (["--model", "sop_lightning.SOPP"], "model: no class 'sop_lightning.SOPP' (did you mean "
                      "sop_lightning.SOP or "),
+    # a value outside a Literal's choices: the choices and the closest, not "Expected a typing.Literal[...]"
+    "literal-value": (["--model.init_args.contribution", "sofft"],
+                      "model.init_args.contribution: 'sofft' is not one of soft, onehot, uniform (did you mean soft?)"),
+    # Lightning's precision: a union of three Literals (and None), every choice listed once
+    "literal-union": (["--trainer.precision", "bf17"],
+                      "trainer.precision: 'bf17' is not one of 64, 32, 16, transformer-engine, "
+                      "transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16 "
+                      "(did you mean bf16"),
 }  # fmt: skip
 
 
@@ -125,6 +133,12 @@ def test_argument_error_lines_of_other_forms():
     assert _argument_error_line("unrecognized arguments: fti", subcommands=["fit", "validate"]) == (
         "unknown subcommand 'fti' (did you mean fit?): one of fit, validate"
     )
+    invalid = "argument subcommand: invalid choice: 'vaildate' (choose from 'fit', 'validate')"  # run=True's form
+    assert _argument_error_line(invalid, subcommands=["fit", "validate"]) == (
+        "unknown subcommand 'vaildate' (did you mean validate?): one of fit, validate"
+    )
+    unreadable = 'Parser key "x":\n  Expected a typing.Literal[<Enum.A: 1>]. Got value: B'  # no literal values
+    assert _argument_error_line(unreadable) == "x: Expected a typing.Literal[<Enum.A: 1>]. Got value: B"
     assert _argument_error_line("unrecognized arguments: --zzz 1", options=["--trainer.max_steps"]) == (
         "unknown argument --zzz"
     )
@@ -132,6 +146,15 @@ def test_argument_error_lines_of_other_forms():
     assert _argument_error_line(before, options=["--trainer.max_steps"]) == before  # says what to do already
     other = 'Parser key "model":\n  something else\n  entirely'
     assert _argument_error_line(other) == other  # a form it does not know: as it is
+
+
+@pytest.mark.parametrize(("word", "closest"), [("fitt", "fit"), ("exprot", "export")])
+def test_a_misspelt_subcommand_is_one_line_with_the_closest(word, closest, capsys):
+    assert main([word, "--config", "x.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sop-lightning: error: unknown subcommand {word!r} (did you mean {closest}?): one of fit, validate, test, "
+        "predict, export"
+    )
 
 
 def test_help_still_exits_zero(capsys):

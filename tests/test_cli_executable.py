@@ -81,6 +81,9 @@ FAILURES = {
                           "dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), or pass root= a folder "
                           "holding the IDX files"),
     "missing-checkpoint": (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
+    # a misspelt subcommand: the closest of LightningCLI's and the library's export
+    "unknown-subcommand": (["fitt"], "fitt", "sop-lightning: error: unknown subcommand 'fitt' (did you mean fit?): "
+                           "one of fit, validate, test, predict, export"),
     # a checkpoint path that is not there: refused by name before the model is built, no traceback
     "validate-missing-checkpoint": (
         ["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt",

@@ -8,6 +8,7 @@ and data module (a bad value raises :class:`ConfigError`, a ``ValueError``, with
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -63,6 +64,39 @@ def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {' or '.join(found)}?)" if found else ""
 
 
+def _unknown_subcommand(token: str, subcommands: list[str]) -> str:
+    return f"unknown subcommand {token!r}{_did_you_mean(token, subcommands)}: one of {', '.join(subcommands)}"
+
+
+def _literal_choices(text: str) -> list[Any] | None:
+    """The values of every ``typing.Literal[...]`` in ``text`` (jsonargparse's report of a type), in order and
+    without repeats (as strings: ``64`` and ``'64'`` are one choice on a command line); None where one cannot
+    be read back."""
+    choices: dict[str, Any] = {}
+    for inner in re.findall(r"typing\.Literal\[(.*?)\]", text):
+        try:
+            values = ast.literal_eval(f"({inner},)")
+        except (SyntaxError, ValueError):
+            return None
+        for value in values:
+            choices.setdefault(str(value), value)
+    return list(choices.values()) or None
+
+
+def _not_one_of(name: str, given: str, choices: list[Any]) -> str:
+    """``name: 'given' is not one of a, b, c (did you mean a?)`` — a value outside a ``Literal``'s choices."""
+    names = [str(c) for c in choices]
+    return f"{name}: {given!r} is not one of {', '.join(names)}{_did_you_mean(given, names)}"
+
+
+def _type_error_line(name: str, report: str) -> str:
+    """``name: report``, or :func:`_not_one_of` where ``report`` is jsonargparse's "Expected a
+    typing.Literal[...]. Got value: v"."""
+    literal = re.fullmatch(r"Expected a (typing\.Literal\[.*\])\. Got value: (.*)", report)
+    choices = _literal_choices(literal.group(1)) if literal else None
+    return _not_one_of(name, literal.group(2), choices) if choices else f"{name}: {report}"
+
+
 def _parameters(class_path: str) -> list[str]:
     """The keyword arguments the class ``class_path`` takes, those it passes on in ``**kwargs`` to its bases
     included (none where it cannot be imported)."""
@@ -113,9 +147,11 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
             options = list(options)
             return "; ".join(f"unknown argument {f}{_did_you_mean(f, options)}" for f in flags)
         if tokens and tokens[0] not in subcommands and subcommands:
-            hint = _did_you_mean(tokens[0], subcommands)
-            return f"unknown subcommand {tokens[0]!r}{hint}: one of {', '.join(subcommands)}"
+            return _unknown_subcommand(tokens[0], subcommands)
         return message
+    invalid = re.fullmatch(r"argument subcommand: invalid choice: '([^']*)' \(choose from .*\)", lines[0])
+    if invalid and subcommands:
+        return _unknown_subcommand(invalid.group(1), subcommands)
     refused = re.search(r"does not accept option '([^']+)'|^Option '([^']+)' is not accepted$", lines[0])
     if refused and len(lines) == 1:  # (not "... accepted before subcommand 'fit'": that one says what to do)
         key = refused.group(1) or refused.group(2)
@@ -126,7 +162,15 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
     key = parser_key.group(1)
     problem = next((i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path '")), None)
     if problem is None:
-        return f"{key}: {' '.join(lines[1:])}" if len(lines) == 2 else message
+        if len(lines) == 2:
+            return _type_error_line(key, lines[1])
+        # a union of Literals (and None), e.g. the trainer's precision: every choice of every member
+        subtypes = next((line for line in lines if line.startswith("Subtypes: [")), "")
+        given = next((line.removeprefix("Given value: ") for line in lines if line.startswith("Given value: ")), None)
+        members = re.sub(r"typing\.Literal\[.*?\]|<class 'NoneType'>", "", subtypes.removeprefix("Subtypes: ["))
+        if given is not None and not members.strip(" ,]") and (choices := _literal_choices(subtypes)):
+            return _not_one_of(key, given, choices)
+        return message
     class_path = lines[problem].split("'")[1]
     detail = lines[problem + 1 :]
     if not detail:
@@ -138,7 +182,7 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
         return f"{key}.init_args.{name}: {class_path} has no argument {name!r}{hint}"
     inner = re.fullmatch(r'Parser key "([^"]+)":', detail[0])
     if inner and len(detail) > 1:
-        return f"{key}.init_args.{inner.group(1)}: {detail[1]}"
+        return _type_error_line(f"{key}.init_args.{inner.group(1)}", detail[1])
     if re.fullmatch(r"module '[^']+' has no attribute '[^']+'", detail[0]) or "No module named" in detail[0]:
         module = class_path.rpartition(".")[0]
         return f"{key}: no class {class_path!r}{_did_you_mean(class_path, _classes(module))}"
@@ -333,10 +377,14 @@ def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         return export_main(argv[1:])
+    subcommands = [*SOPLightningCLI.subcommands(), "export"]
+    if argv and not argv[0].startswith("-") and argv[0] not in subcommands:  # export is ours, not LightningCLI's
+        print(f"sop-lightning: error: {_unknown_subcommand(argv[0], subcommands)}", file=sys.stderr)
+        return 2
     try:
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:
-        named = argv and argv[0] in SOPLightningCLI.subcommands()
+        named = argv and argv[0] in subcommands
         prog = " ".join(["sop-lightning", *argv[:1]]) if named else "sop-lightning"
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
