@@ -157,6 +157,20 @@ def test_a_misspelt_subcommand_is_one_line_with_the_closest(word, closest, capsy
     )
 
 
+def test_a_missing_config_file_is_one_line_with_the_closest_of_its_folder(tmp_path, capsys):
+    for name in ("sop.yaml", "dino.yaml", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    assert main(["fit", "--config", str(tmp_path / "sopp.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sop-lightning fit: error: --config {str(tmp_path / 'sopp.yaml')!r} does not exist (did you mean sop.yaml "
+        "there?)"
+    )
+    assert main(["fit", "--config", str(tmp_path / "nowhere" / "sop.yaml")]) == 2  # no folder: nothing to suggest
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sop-lightning fit: error: --config {str(tmp_path / 'nowhere' / 'sop.yaml')!r} does not exist"
+    )
+
+
 def test_help_still_exits_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--help"])

@@ -135,6 +135,9 @@ def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):
         "--minutes must be >= 0 (0 runs the config's max_steps), got -1.0": ["--minutes", "-1", *args],
         "demo.py: error: model.init_args.num_anchorz: sop_lightning.SOP has no argument 'num_anchorz'": [
             *args, "--model.init_args.num_anchorz", "2"],
+        # make demo DEMO_CONFIG=experiments/demo/sopp.yaml
+        f"demo.py: error: --config {str(ROOT / 'experiments' / 'demo' / 'sopp.yaml')!r} does not exist (did you "
+        "mean sop.yaml there?)": ["--config", str(ROOT / "experiments" / "demo" / "sopp.yaml")],
     }  # fmt: skip
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     bad = {message: subprocess.Popen([*demo, *argv], cwd=tmp_path, env=env, **pipes)
@@ -146,6 +149,6 @@ def test_demo_script_plans_its_steps_for_the_minutes(fake_fmnist, tmp_path):
     planned = int(out.split(" steps planned for 0.1 training minutes")[0].rsplit(",", 1)[1])
     assert 1 <= planned <= 40 and f"[demo] SOP after {planned} steps" in out and "top-1" in out
     assert list(tmp_path.rglob("teacher_backbone.pth"))
-    for message, refusal in bad.items():  # a bad value of the script and a misspelt argument of the CLI
+    for message, refusal in bad.items():  # a bad value of the script, a misspelt argument, a missing config
         _, stderr = refusal.communicate(timeout=300)
         assert refusal.returncode == 2 and message in stderr and "Traceback" not in stderr, stderr[-3000:]

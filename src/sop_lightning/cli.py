@@ -156,6 +156,13 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
     if refused and len(lines) == 1:  # (not "... accepted before subcommand 'fit'": that one says what to do)
         key = refused.group(1) or refused.group(2)
         return f"unknown argument {key}{_did_you_mean(key, [o.removeprefix('--') for o in options])}"  # a config key
+    missing = re.fullmatch(r"""Parser key "config": File does not exist: '(.*)'""", lines[0])
+    if missing and len(lines) == 1:  # the closest config files of that folder, by stem (".yaml" is no likeness)
+        path = Path(missing.group(1))
+        names = {p.stem: p.name for p in sorted(path.parent.glob("*.y*ml"))} if path.parent.is_dir() else {}
+        near = difflib.get_close_matches(path.stem, list(names), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(names[n] for n in near)} there?)" if near else ""
+        return f"--config {str(path)!r} does not exist{hint}"
     parser_key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
     if not parser_key:
         return message
