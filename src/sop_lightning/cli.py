@@ -59,8 +59,13 @@ def _unexpected_keyword(err: BaseException) -> TypeError | None:
     return next((e for e in _chain(err) if isinstance(e, TypeError) and "unexpected keyword argument" in str(e)), None)
 
 
+def _closest(word: str, candidates: Iterable[str]) -> list[str]:
+    """Up to three of ``candidates`` closest to ``word``, closest first."""
+    return difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+
+
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    found = _closest(word, candidates)
     return f" (did you mean {' or '.join(found)}?)" if found else ""
 
 
@@ -160,7 +165,7 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
     if missing and len(lines) == 1:  # the closest config files of that folder, by stem (".yaml" is no likeness)
         path = Path(missing.group(1))
         names = {p.stem: p.name for p in sorted(path.parent.glob("*.y*ml"))} if path.parent.is_dir() else {}
-        near = difflib.get_close_matches(path.stem, list(names), n=3, cutoff=0.6)
+        near = _closest(path.stem, names)
         hint = f" (did you mean {' or '.join(names[n] for n in near)} there?)" if near else ""
         return f"--config {str(path)!r} does not exist{hint}"
     parser_key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
