@@ -1,3 +1,5 @@
+import importlib.metadata
+import re
 import warnings
 from pathlib import Path
 
@@ -169,6 +171,38 @@ def test_a_missing_config_file_is_one_line_with_the_closest_of_its_folder(tmp_pa
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"sop-lightning fit: error: --config {str(tmp_path / 'nowhere' / 'sop.yaml')!r} does not exist"
     )
+
+
+def test_no_subcommand_is_one_line_naming_them_all(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sop-lightning: error: a subcommand is required: one of fit, validate, test, predict, export "
+        "(e.g. sop-lightning fit --config CONFIG)"
+    )
+
+
+def test_version_prints_the_installed_versions_and_exits_zero(capsys):
+    import lightning
+    import timm
+    import torch
+
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([flag])
+        assert exit_info.value.code in (0, None)
+        assert capsys.readouterr().out.strip() == (
+            f"sop-lightning {importlib.metadata.version('sop_lightning')} (torch {torch.__version__}, "
+            f"lightning {lightning.__version__}, timm {timm.__version__})"
+        )
+
+
+def test_top_level_help_names_the_methods_and_the_export_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps lines, at hyphens too
+    assert exit_info.value.code in (0, None)
+    assert "SOP, DINO, iBOT, DINO-vMF and iBOT-vMF" in out and "sop-lightning export --ckpt_path CKPT" in out
+    assert "--version" in out
 
 
 def test_help_still_exits_zero(capsys):

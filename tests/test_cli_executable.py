@@ -84,6 +84,9 @@ FAILURES = {
     # a misspelt subcommand: the closest of LightningCLI's and the library's export
     "unknown-subcommand": (["fitt"], "fitt", "sop-lightning: error: unknown subcommand 'fitt' (did you mean fit?): "
                            "one of fit, validate, test, predict, export"),
+    # no subcommand: one line naming them all, not jsonargparse's "expected ... {fit,validate,test,predict}"
+    "no-subcommand": ([], "a subcommand is required", "sop-lightning: error: a subcommand is required: one of fit, "
+                      "validate, test, predict, export (e.g. sop-lightning fit --config CONFIG)"),
     # a checkpoint path that is not there: refused by name before the model is built, no traceback
     "validate-missing-checkpoint": (
         ["validate", "--ckpt_path", "missing.ckpt"], "missing.ckpt",
@@ -100,9 +103,9 @@ def failed_runs(tmp_path_factory) -> dict[str, subprocess.Popen]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = {}
     for case, (args, _, _) in FAILURES.items():
-        cmd, rest = args[0], args[1:]
-        extra = _tiny(root, tmp_path / case) if cmd in ("fit", "validate") else []
-        procs[case] = subprocess.Popen([_executable(), cmd, *extra, *rest], cwd=tmp_path, env=env,
+        cmd, rest = args[:1], args[1:]
+        extra = _tiny(root, tmp_path / case) if cmd in (["fit"], ["validate"]) else []
+        procs[case] = subprocess.Popen([_executable(), *cmd, *extra, *rest], cwd=tmp_path, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     yield procs
     for proc in procs.values():

@@ -15,7 +15,7 @@ import inspect
 import re
 import sys
 import traceback
-from argparse import ArgumentError
+from argparse import Action, ArgumentError
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,23 @@ def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
 
 def _unknown_subcommand(token: str, subcommands: list[str]) -> str:
     return f"unknown subcommand {token!r}{_did_you_mean(token, subcommands)}: one of {', '.join(subcommands)}"
+
+
+def _subcommands() -> list[str]:
+    """LightningCLI's subcommands and the library's ``export``, in the order the help lists them."""
+    return [*SOPLightningCLI.subcommands(), "export"]
+
+
+def _version() -> str:
+    """``sop-lightning X (torch Y, lightning Z, timm W)``: what ``--version`` prints, for bug reports."""
+    import lightning
+    import timm
+    import torch
+
+    from . import __version__
+
+    versions = f"torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__}"
+    return f"sop-lightning {__version__} ({versions})"
 
 
 def _literal_choices(text: str) -> list[Any] | None:
@@ -154,6 +171,9 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
         if tokens and tokens[0] not in subcommands and subcommands:
             return _unknown_subcommand(tokens[0], subcommands)
         return message
+    absent = re.fullmatch(r'expected "subcommand" to be one of \{.*\}, but it was not provided\.', lines[0])
+    if absent and subcommands:
+        return f"a subcommand is required: one of {', '.join(subcommands)} (e.g. sop-lightning fit --config CONFIG)"
     invalid = re.fullmatch(r"argument subcommand: invalid choice: '([^']*)' \(choose from .*\)", lines[0])
     if invalid and subcommands:
         return _unknown_subcommand(invalid.group(1), subcommands)
@@ -201,12 +221,39 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
     return message
 
 
+class _PrintVersion(Action):
+    """``--version``: prints :func:`_version` and exits with status 0 (the versions are read only then)."""
+
+    def __init__(self, option_strings: list[str], dest: str = "version", **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help="Print the versions of sop-lightning, torch, lightning "
+                         "and timm, and exit.")  # fmt: skip
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_version())
+        parser.exit()
+
+
+#: the command's ``--help``: what it is and the subcommand that is not LightningCLI's
+DESCRIPTION = (
+    "Self-supervised ViT pre-training with SOP, DINO, iBOT, DINO-vMF and iBOT-vMF on Lightning. "
+    "Choose a method and data module by class_path, e.g. sop-lightning fit --config experiments/demo/sop.yaml."
+)
+EPILOG = (
+    "One more subcommand, not Lightning's: sop-lightning export --ckpt_path CKPT --output teacher.pth writes the "
+    "teacher backbone of a method checkpoint as a timm state dict (sop-lightning export --help)."
+)
+
+
 class SOPLightningCLI(LightningCLI):
     """Method and data module chosen by ``class_path``; the data module's image facts (global crop
     size, patch size) are linked into the method so the ViT and the masks always agree."""
 
     #: model arguments set from the data module's (``data.<source>`` -> ``model.init_args.<target>``)
     LINKED = {"global_size": "img_size", "patch_size": "patch_size"}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]):
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("-V", "--version", action=_PrintVersion)
 
     def add_arguments_to_parser(self, parser) -> None:
         for source, target in self.LINKED.items():
@@ -222,7 +269,7 @@ class SOPLightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            subcommands = list(self.subcommands()) if parser._subcommands_action else []
+            subcommands = _subcommands() if parser._subcommands_action else []
             argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
             chosen = next((a for a in argv if a in subcommands), None)
             sub = parser._subcommands_action._name_parser_map.get(chosen) if chosen else None
@@ -378,6 +425,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SOPLightningCL
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [RichProgressBar()]},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION, "epilog": EPILOG},
         args=args,
         run=run,
         auto_configure_optimizers=False,
@@ -389,7 +437,7 @@ def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         return export_main(argv[1:])
-    subcommands = [*SOPLightningCLI.subcommands(), "export"]
+    subcommands = _subcommands()
     if argv and not argv[0].startswith("-") and argv[0] not in subcommands:  # export is ours, not LightningCLI's
         print(f"sop-lightning: error: {_unknown_subcommand(argv[0], subcommands)}", file=sys.stderr)
         return 2
