@@ -80,7 +80,9 @@ FAILURES = {
                           "Fashion-MNIST IDX files from it. Install the demo data with `sudo apt-get install "
                           "dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), or pass root= a folder "
                           "holding the IDX files"),
-    "missing-checkpoint": (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt", None),
+    "missing-checkpoint": (["export", "--ckpt_path", "missing.ckpt", "--output", "x.pth"], "missing.ckpt",
+                           "sop-lightning export: error: ckpt_path='missing.ckpt' is neither a checkpoint file nor a "
+                           "distributed-checkpoint folder"),
     # a misspelt subcommand: the closest of LightningCLI's and the library's export
     "unknown-subcommand": (["fitt"], "fitt", "sop-lightning: error: unknown subcommand 'fitt' (did you mean fit?): "
                            "one of fit, validate, test, predict, export"),

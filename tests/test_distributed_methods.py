@@ -15,6 +15,9 @@ import pytest
 import torch
 from conftest import write_fake_fmnist
 
+from sop_lightning.cli import main
+from sop_lightning.evaluation import LinearProbe
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = {
@@ -184,3 +187,12 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_distributed_checkpoint(met
     assert again["metrics"] == after_stop["metrics"] == r0["metrics"]
     for key, value in one["metrics"].items():
         assert r0["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # the teacher ViT of a distributed checkpoint, read in one process: `export` and the linear probe take the folder
+    final, prefix = tmp_path / "steps" / "step=4.ckpt", "teacher.backbone.vit."
+    teacher = {k.removeprefix(prefix): v for k, v in r0["state"].items() if k.startswith(prefix)}
+    assert main(["export", "--ckpt_path", str(final), "--output", str(tmp_path / "teacher.pth")]) == 0
+    exported = torch.load(tmp_path / "teacher.pth")
+    assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    probe = LinearProbe(checkpoint=str(final), backbone="vit_tiny_patch16_224", img_size=28, patch_size=14,
+                        embed_dim=32, depth=1, num_heads=2, num_classes=10, n_last_blocks=1)  # fmt: skip
+    assert all(torch.equal(v, teacher[k]) for k, v in probe.backbone.vit.state_dict().items())

@@ -66,6 +66,25 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
     torch.testing.assert_close(state["pos_embed"], fit.model.teacher.backbone.vit.pos_embed.detach())
 
 
+def test_export_refuses_what_is_not_a_method_checkpoint_by_name_with_status_2(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"pos_embed": torch.zeros(1, 5, 32)}, tmp_path / "exported.pth")  # a timm state dict, not a method's
+    refused = {
+        "folder": "is a folder but not a distributed checkpoint (no .metadata)",
+        "notes.txt": "cannot be read as a checkpoint",
+        "exported.pth": "holds no 'state_dict': is this a sop_lightning method checkpoint?",
+        "missing.ckpt": "is neither a checkpoint file nor a distributed-checkpoint folder",
+    }
+    for name, reason in refused.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "--ckpt_path", str(tmp_path / name), "--output", str(tmp_path / "out.pth")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"sop-lightning export: error: ckpt_path={str(tmp_path / name)!r} {reason}"), err
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_linear_probe_loads_checkpoints_and_trains(fake_fmnist, tmp_path):
     sop = SOP(memory_size=64, patch_memory_size=32, num_anchors=8, num_patch_anchors=4, **TINY)
     path = tmp_path / "bb.pth"
@@ -83,7 +102,7 @@ def test_linear_probe_loads_checkpoints_and_trains(fake_fmnist, tmp_path):
     trainer.fit(probe, data)
     assert all(torch.equal(before[n], p) for n, p in probe.backbone.named_parameters())
     assert "val/linear_top1" in trainer.callback_metrics
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(ValueError, match="is not a file or folder"):
         LinearProbe(checkpoint=str(tmp_path / "missing.ckpt"), num_classes=10, **arch)
 
 

@@ -392,17 +392,18 @@ class SOPLightningCLI(LightningCLI):
 def export_main(args: list[str]) -> int:
     """``sop-lightning export --ckpt_path X --output Y``: the teacher backbone as a timm state dict."""
     import argparse
-    from pathlib import Path
 
     from .evaluation.export import export_checkpoint_backbone
 
     parser = argparse.ArgumentParser(prog="sop-lightning export", description=export_main.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="a sop_lightning method checkpoint (.ckpt)")
+    ckpt_help = "a method checkpoint: a .ckpt file or a distributed-checkpoint folder (FSDP2)"
+    parser.add_argument("--ckpt_path", required=True, help=ckpt_help)
     parser.add_argument("--output", required=True, help="where to write the timm state dict (.pth)")
     ns = parser.parse_args(args)
-    if not Path(ns.ckpt_path).is_file():
-        parser.error(f"--ckpt_path {ns.ckpt_path!r} is not a file")  # exits with status 2
-    kwargs = export_checkpoint_backbone(ns.ckpt_path, ns.output)
+    try:
+        kwargs = export_checkpoint_backbone(ns.ckpt_path, ns.output)
+    except ValueError as err:  # not there, not a method checkpoint: named, status 2
+        parser.error(str(err))
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     print(f"wrote {ns.output}\nload it with:\n  import timm, torch\n  model = timm.create_model({call})")
     print(f"  model.load_state_dict(torch.load({ns.output!r}), strict=True)")

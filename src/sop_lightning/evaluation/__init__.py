@@ -1,6 +1,6 @@
 """Evaluation: weighted k-NN (DINO protocol), linear probe, timm export."""
 
-from .export import export_checkpoint_backbone, teacher_backbone_state_dict
+from .export import export_checkpoint_backbone, load_teacher_backbone, teacher_backbone_state_dict
 from .knn import extract_features, knn_classify, knn_search
 from .linear import LinearProbe
 from .visualize import embed_dataset, image_grid, nearest_images, show_retrievals, show_sops, sop_members
@@ -17,5 +17,6 @@ __all__ = [
     "show_sops",
     "LinearProbe",
     "export_checkpoint_backbone",
+    "load_teacher_backbone",
     "teacher_backbone_state_dict",
 ]

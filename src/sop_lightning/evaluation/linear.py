@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import ViTBackbone
 from ..checkpoints import resume_epoch_end_checkpoint
-from .export import teacher_backbone_state_dict
+from .export import load_teacher_backbone, teacher_backbone_state_dict
 
 __all__ = ["LinearProbe"]
 
@@ -28,8 +28,9 @@ class LinearProbe(L.LightningModule):
     (``avgpool_patchtokens``, ViT-B/L recipe with ``n_last_blocks=1``).
 
     Args:
-        checkpoint: a sop_lightning method checkpoint (``.ckpt``) or an exported timm state dict; the
-            teacher backbone is loaded from it. ``None`` probes a randomly initialised backbone.
+        checkpoint: a sop_lightning method checkpoint (a ``.ckpt`` file, or the folder of a distributed
+            checkpoint written under FSDP2) or an exported timm state dict; the teacher backbone is loaded from
+            it. ``None`` probes a randomly initialised backbone.
         backbone, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio: the ViT architecture (as in the
             method that produced the checkpoint).
         num_classes: classes of the labelled data.
@@ -58,8 +59,8 @@ class LinearProbe(L.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {base_lr}")
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint={checkpoint!r} is not a file")
+        if checkpoint is not None:
+            _check_exists(checkpoint)  # before the ViT is built and n_last_blocks checked against it
         self.backbone = ViTBackbone(
             backbone, img_size, patch_size, embed_dim, depth, num_heads, mask_token=False, mlp_ratio=mlp_ratio
         )
@@ -78,10 +79,14 @@ class LinearProbe(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
     def load_backbone(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise ValueError(f"checkpoint={path!r} is not a file")
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-        state = teacher_backbone_state_dict(obj["state_dict"]) if "state_dict" in obj else obj
+        """The teacher ViT of a method checkpoint (file or distributed-checkpoint folder), or an exported timm
+        state dict, into the frozen backbone (``strict=True``)."""
+        _check_exists(path)
+        if Path(path).is_dir():
+            state, _ = load_teacher_backbone(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+            state = teacher_backbone_state_dict(obj["state_dict"]) if "state_dict" in obj else obj
         self.backbone.vit.load_state_dict(state, strict=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -130,3 +135,11 @@ class LinearProbe(L.LightningModule):
         total = int(total) if math.isfinite(total) else 1
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=0.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_exists(checkpoint: str) -> None:
+    if not Path(checkpoint).exists():
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is not a file or folder (a method checkpoint, a distributed-checkpoint "
+            "folder or an exported timm state dict)"
+        )
