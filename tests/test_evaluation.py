@@ -69,10 +69,12 @@ def test_validate_checkpoint_reports_the_fit_knn_and_cli_export(fake_fmnist, tmp
 def test_export_refuses_what_is_not_a_method_checkpoint_by_name_with_status_2(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")  # a copy that failed
     torch.save({"pos_embed": torch.zeros(1, 5, 32)}, tmp_path / "exported.pth")  # a timm state dict, not a method's
     refused = {
         "folder": "is a folder but not a distributed checkpoint (no .metadata)",
-        "notes.txt": "cannot be read as a checkpoint",
+        "notes.txt": "cannot be read as a checkpoint (torch.load: ",
+        "empty.ckpt": "cannot be read as a checkpoint (the file is empty or cut short)",
         "exported.pth": "holds no 'state_dict': is this a sop_lightning method checkpoint?",
         "missing.ckpt": "is neither a checkpoint file nor a distributed-checkpoint folder",
     }

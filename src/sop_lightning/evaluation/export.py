@@ -49,6 +49,17 @@ def _distributed_teacher(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
     return teacher_backbone_state_dict(teacher), meta.get("hyper_parameters", {})
 
 
+def _load_error(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, in one line: the unpickler's own reason rather than
+    its advice to retry with ``weights_only=False`` (wrong for a file that is no checkpoint at all)."""
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = next((i + 1 for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
+    reason = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(err).__name__)
+    return f"torch.load: {reason}"
+
+
 def load_teacher_backbone(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The teacher ViT's timm state dict and the method's hyperparameters from ``ckpt_path``: a Lightning
     checkpoint file or a distributed-checkpoint folder (FSDP2). Tensors and plain data only are read."""
@@ -62,8 +73,7 @@ def load_teacher_backbone(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint (torch.load: {first})") from err
+        raise ValueError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint ({_load_error(err)})") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"ckpt_path={str(path)!r} holds no 'state_dict': is this a sop_lightning method checkpoint?")
     return teacher_backbone_state_dict(ckpt["state_dict"]), ckpt.get("hyper_parameters", {})
