@@ -291,3 +291,15 @@ def test_ckpt_path_last_finds_the_newest_version(fake_fmnist, tmp_path, monkeypa
     assert third.trainer.global_step == 6
     val = build_cli(["validate", *tiny])
     assert Path(val.trainer.ckpt_path).resolve() == (runs / "version_2" / "checkpoints" / "last.ckpt").resolve()
+    # the newest last.ckpt cut short (a job stopped while saving it): refused by name, with the whole ones beside it
+    newest = runs / "version_2" / "checkpoints" / "last.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    step = next(p.name for p in newest.parent.glob("*.ckpt") if p != newest)
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(ConfigError) as refused:
+            build_cli([subcommand, *tiny])
+        assert str(refused.value) == (
+            f"ckpt_path {str(newest.relative_to(tmp_path))!r} is not a whole checkpoint: Lightning writes a zip "
+            "archive, and this file is empty, cut short (a job stopped while saving?) or another kind of file; the "
+            f"newest whole checkpoints beside it: {step}"
+        )

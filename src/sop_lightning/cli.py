@@ -15,6 +15,7 @@ import inspect
 import re
 import sys
 import traceback
+import zipfile
 from argparse import Action, ArgumentError
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -340,7 +341,6 @@ class SOPLightningCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
-        self._check_ckpt_path()  # before the model and data are built: a typo costs nothing
         # jsonargparse buries a constructor's ValueError under a "Union subtypes" report: surface it alone
         try:
             super().instantiate_classes()
@@ -358,6 +358,7 @@ class SOPLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI re-parses the model config with the checkpoint's hyperparameters; one it does not take
         # (a checkpoint of another version, say) is a ConfigError line, not an ArgumentError traceback
+        self._check_ckpt_path()  # before LightningCLI reads it and the model and data are built: a typo costs nothing
         try:
             super()._parse_ckpt_path()
         except ArgumentError as err:
@@ -366,16 +367,28 @@ class SOPLightningCLI(LightningCLI):
             ) from err
 
     def _check_ckpt_path(self) -> None:
-        """A local ``--ckpt_path`` that does not exist is a :class:`ConfigError`, not Lightning's traceback
-        after the model is built; Lightning's keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote
-        URLs pass through. A distributed checkpoint (FSDP2) is a folder, so any existing path is accepted."""
-        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
+        """A local ``--ckpt_path`` that does not exist, or a file that is not a whole zip archive (empty, or cut
+        short by a job stopped while saving: the newest ``last.ckpt`` that ``last`` finds, say), is a
+        :class:`ConfigError` naming the whole checkpoints beside it, not ``torch.load``'s traceback; Lightning's
+        keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote URLs pass through. A distributed
+        checkpoint (FSDP2) is a folder, so any existing folder is accepted."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt is None or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
             return
-        if not Path(ckpt).exists():
+        path = Path(ckpt)
+        if not path.exists():
             raise ConfigError(
                 f"ckpt_path {str(ckpt)!r} does not exist (a checkpoint file or distributed-checkpoint folder, "
                 "or one of 'last', 'best')"
+            )
+        if path.is_file() and not zipfile.is_zipfile(path):  # reads the archive's end only
+            beside = [p for p in path.parent.glob("*.ckpt") if p != path and zipfile.is_zipfile(p)]
+            newest = sorted(beside, key=lambda p: p.stat().st_mtime, reverse=True)[:3]
+            hint = f"; the newest whole checkpoints beside it: {', '.join(p.name for p in newest)}" if newest else ""
+            raise ConfigError(
+                f"ckpt_path {str(ckpt)!r} is not a whole checkpoint: Lightning writes a zip archive, and this file is "
+                f"empty, cut short (a job stopped while saving?) or another kind of file{hint}"
             )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
