@@ -110,6 +110,8 @@ class KNNEvaluation(L.Callback):
             if len(train_y) and len(test_y):
                 metrics.update(self._metrics(train_x, train_y, test_x, test_y, prefix))
         self.last_metrics = metrics
-        # every rank computed the same values from the gathered features: no further sync needed
+        # every rank computed the same values from the gathered features; sync_dist averages those equal values
+        # (a few scalars once a validation), which keeps Lightning from warning, per metric and validation, that
+        # epoch-level values of a distributed run want sync_dist=True
         for name, value in metrics.items():
-            pl_module.log(name, value, prog_bar=name == "val/knn_top1", sync_dist=False, rank_zero_only=False)
+            pl_module.log(name, value, prog_bar=name == "val/knn_top1", sync_dist=True)
