@@ -303,3 +303,24 @@ def test_ckpt_path_last_finds_the_newest_version(fake_fmnist, tmp_path, monkeypa
             "archive, and this file is empty, cut short (a job stopped while saving?) or another kind of file; the "
             f"newest whole checkpoints beside it: {step}"
         )
+
+
+def test_a_ckpt_path_folder_must_be_a_distributed_checkpoint_read_by_model_parallel(fake_fmnist, tmp_path):
+    """A folder that is no distributed checkpoint, and a distributed checkpoint under a strategy that would open
+    it as a file (every one but ``ModelParallelStrategy``), are refused by name before anything is built."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded.ckpt"
+    plain.mkdir()
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")  # the file torch.distributed.checkpoint writes first
+    tiny = _tiny_dino(fake_fmnist, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        build_cli(["validate", *tiny, "--ckpt_path", str(plain)])
+    assert str(refused.value) == f"ckpt_path {str(plain)!r} is a folder but not a distributed checkpoint (no .metadata)"
+    for strategy in ("auto", "ddp"):
+        with pytest.raises(ConfigError) as refused:
+            build_cli(["validate", *tiny, "--ckpt_path", str(sharded), "--trainer.strategy", strategy])
+        assert str(refused.value) == (
+            f"ckpt_path {str(sharded)!r} is a distributed checkpoint (FSDP2), which only trainer.strategy "
+            "lightning.pytorch.strategies.ModelParallelStrategy reads (on any number of devices), not "
+            f"strategy={strategy!r}; its teacher alone: sop-lightning export --ckpt_path {sharded} --output teacher.pth"
+        )

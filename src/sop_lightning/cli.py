@@ -382,6 +382,8 @@ class SOPLightningCLI(LightningCLI):
                 f"ckpt_path {str(ckpt)!r} does not exist (a checkpoint file or distributed-checkpoint folder, "
                 "or one of 'last', 'best')"
             )
+        if path.is_dir():
+            self._check_distributed_checkpoint(path, self.config[subcommand].get("trainer", {}).get("strategy"))
         if path.is_file() and not zipfile.is_zipfile(path):  # reads the archive's end only
             beside = [p for p in path.parent.glob("*.ckpt") if p != path and zipfile.is_zipfile(p)]
             newest = sorted(beside, key=lambda p: p.stat().st_mtime, reverse=True)[:3]
@@ -389,6 +391,20 @@ class SOPLightningCLI(LightningCLI):
             raise ConfigError(
                 f"ckpt_path {str(ckpt)!r} is not a whole checkpoint: Lightning writes a zip archive, and this file is "
                 f"empty, cut short (a job stopped while saving?) or another kind of file{hint}"
+            )
+
+    @staticmethod
+    def _check_distributed_checkpoint(path: Path, strategy: Any) -> None:
+        """A ``--ckpt_path`` folder must be a distributed checkpoint (``.metadata``), and only
+        ``ModelParallelStrategy`` reads one: under another strategy Lightning opens the folder as a file."""
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"ckpt_path {str(path)!r} is a folder but not a distributed checkpoint (no .metadata)")
+        name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy)
+        if not name.endswith("ModelParallelStrategy"):
+            raise ConfigError(
+                f"ckpt_path {str(path)!r} is a distributed checkpoint (FSDP2), which only trainer.strategy "
+                f"lightning.pytorch.strategies.ModelParallelStrategy reads (on any number of devices), not "
+                f"strategy={name!r}; its teacher alone: sop-lightning export --ckpt_path {path} --output teacher.pth"
             )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
