@@ -106,6 +106,9 @@ def test_linear_probe_loads_checkpoints_and_trains(fake_fmnist, tmp_path):
     assert "val/linear_top1" in trainer.callback_metrics
     with pytest.raises(ValueError, match="is not a file or folder"):
         LinearProbe(checkpoint=str(tmp_path / "missing.ckpt"), num_classes=10, **arch)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot be read as a checkpoint \(the file is empty or cut short\)"):
+        LinearProbe(checkpoint=str(tmp_path / "empty.ckpt"), num_classes=10, n_last_blocks=2, **arch)
 
 
 def _probe_fit(root, out, workers=0, ckpt=None, stop=None):

@@ -1,10 +1,41 @@
-"""Loop state of Lightning checkpoints: what the methods and the linear probe rewrite when they load one."""
+"""Lightning checkpoints: reading one (a file, or a distributed checkpoint's folder) with errors that say what is
+wrong, and the loop state the methods and the linear probe rewrite when they load one."""
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Any
 
-__all__ = ["resume_epoch_end_checkpoint"]
+import torch
+
+__all__ = ["is_distributed_checkpoint", "read_checkpoint_file", "resume_epoch_end_checkpoint"]
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is the folder of a ``torch.distributed.checkpoint`` (what Lightning's
+    ``ModelParallelStrategy`` writes: shards, ``.metadata`` and ``meta.pt``)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (tensors and plain data only); a file it cannot read
+    is a ``ValueError`` naming it and why, in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint ({_load_error(err)})") from err
+
+
+def _load_error(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, in one line: the unpickler's own reason rather than
+    its advice to retry with ``weights_only=False`` (wrong for a file that is no checkpoint at all)."""
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = next((i + 1 for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
+    reason = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(err).__name__)
+    return f"torch.load: {reason}"
 
 
 def resume_epoch_end_checkpoint(checkpoint: dict[str, Any]) -> None:

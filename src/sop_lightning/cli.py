@@ -27,6 +27,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .checkpoints import is_distributed_checkpoint
+
 __all__ = ["ConfigError", "SOPLightningCLI", "build_cli", "main"]
 
 
@@ -370,8 +372,8 @@ class SOPLightningCLI(LightningCLI):
         """A local ``--ckpt_path`` that does not exist, or a file that is not a whole zip archive (empty, or cut
         short by a job stopped while saving: the newest ``last.ckpt`` that ``last`` finds, say), is a
         :class:`ConfigError` naming the whole checkpoints beside it, not ``torch.load``'s traceback; Lightning's
-        keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote URLs pass through. A distributed
-        checkpoint (FSDP2) is a folder, so any existing folder is accepted."""
+        keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote URLs pass through. A folder must be a
+        distributed checkpoint (FSDP2) under ``ModelParallelStrategy``: :meth:`_check_distributed_checkpoint`."""
         subcommand = self.config.get("subcommand")
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt is None or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
@@ -397,7 +399,7 @@ class SOPLightningCLI(LightningCLI):
     def _check_distributed_checkpoint(path: Path, strategy: Any) -> None:
         """A ``--ckpt_path`` folder must be a distributed checkpoint (``.metadata``), and only
         ``ModelParallelStrategy`` reads one: under another strategy Lightning opens the folder as a file."""
-        if not (path / ".metadata").is_file():
+        if not is_distributed_checkpoint(path):
             raise ConfigError(f"ckpt_path {str(path)!r} is a folder but not a distributed checkpoint (no .metadata)")
         name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy)
         if not name.endswith("ModelParallelStrategy"):

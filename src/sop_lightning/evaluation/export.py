@@ -3,12 +3,13 @@ a Lightning checkpoint file, or the folder of a distributed checkpoint (FSDP2: `
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..checkpoints import is_distributed_checkpoint, read_checkpoint_file
 
 __all__ = ["teacher_backbone_state_dict", "load_teacher_backbone", "export_checkpoint_backbone", "TEACHER_PREFIX"]
 
@@ -49,31 +50,17 @@ def _distributed_teacher(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
     return teacher_backbone_state_dict(teacher), meta.get("hyper_parameters", {})
 
 
-def _load_error(err: BaseException) -> str:
-    """What ``torch.load(weights_only=True)`` found wrong, in one line: the unpickler's own reason rather than
-    its advice to retry with ``weights_only=False`` (wrong for a file that is no checkpoint at all)."""
-    if isinstance(err, EOFError):
-        return "the file is empty or cut short"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    after = next((i + 1 for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
-    reason = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(err).__name__)
-    return f"torch.load: {reason}"
-
-
 def load_teacher_backbone(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The teacher ViT's timm state dict and the method's hyperparameters from ``ckpt_path``: a Lightning
     checkpoint file or a distributed-checkpoint folder (FSDP2). Tensors and plain data only are read."""
     path = Path(ckpt_path)
     if path.is_dir():
-        if not (path / ".metadata").is_file():
+        if not is_distributed_checkpoint(path):
             raise ValueError(f"ckpt_path={str(path)!r} is a folder but not a distributed checkpoint (no .metadata)")
         return _distributed_teacher(path)
     if not path.is_file():
         raise ValueError(f"ckpt_path={str(path)!r} is neither a checkpoint file nor a distributed-checkpoint folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint ({_load_error(err)})") from err
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"ckpt_path={str(path)!r} holds no 'state_dict': is this a sop_lightning method checkpoint?")
     return teacher_backbone_state_dict(ckpt["state_dict"]), ckpt.get("hyper_parameters", {})

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import ViTBackbone
-from ..checkpoints import resume_epoch_end_checkpoint
+from ..checkpoints import read_checkpoint_file, resume_epoch_end_checkpoint
 from .export import load_teacher_backbone, teacher_backbone_state_dict
 
 __all__ = ["LinearProbe"]
@@ -85,7 +85,7 @@ class LinearProbe(L.LightningModule):
         if Path(path).is_dir():
             state, _ = load_teacher_backbone(path)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+            obj = read_checkpoint_file(path)  # a method checkpoint or an exported state dict
             state = teacher_backbone_state_dict(obj["state_dict"]) if "state_dict" in obj else obj
         self.backbone.vit.load_state_dict(state, strict=True)
 
