@@ -324,3 +324,14 @@ def test_a_ckpt_path_folder_must_be_a_distributed_checkpoint_read_by_model_paral
             "lightning.pytorch.strategies.ModelParallelStrategy reads (on any number of devices), not "
             f"strategy={strategy!r}; its teacher alone: sop-lightning export --ckpt_path {sharded} --output teacher.pth"
         )
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_with_the_settings(fake_fmnist, tmp_path, capsys):
+    """Lightning's MisconfigurationException (``accelerator gpu`` where there is none, ``devices 0``) is a
+    ConfigError naming the trainer's device settings, and status 2 from :func:`main`."""
+    tiny = _tiny_dino(fake_fmnist, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path))
+    assert main(["fit", *tiny, "--trainer.accelerator", "cpu", "--trainer.devices", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sop-lightning fit: error: trainer: `Trainer(devices='0')` value is not a valid input using cpu accelerator. "
+        "(accelerator='cpu', devices='0', strategy='auto', precision='32-true')"
+    )

@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .checkpoints import is_distributed_checkpoint
 
@@ -224,6 +225,11 @@ def _argument_error_line(message: str, options: Iterable[str] = (), subcommands:
     return message
 
 
+def _short(value: Any) -> str:
+    """A trainer setting as the user gave it: the repr of plain values, the class name of objects."""
+    return repr(value) if value is None or isinstance(value, (str, int, float, list)) else type(value).__name__
+
+
 class _PrintVersion(Action):
     """``--version``: prints :func:`_version` and exits with status 0 (the versions are read only then)."""
 
@@ -417,7 +423,13 @@ class SOPLightningCLI(LightningCLI):
                 c for c in (defaults if isinstance(defaults, list) else [defaults]) if not isinstance(c, ProgressBar)
             ]
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except MisconfigurationException as err:  # e.g. accelerator gpu on a machine without one: one line
+            given = ", ".join(
+                f"{k}={_short(config[k])}" for k in ("accelerator", "devices", "strategy", "precision") if k in config
+            )
+            raise ConfigError(f"trainer: {err} ({given})") from err
 
 
 def export_main(args: list[str]) -> int:
